@@ -1,0 +1,70 @@
+"""One place that sets up torch.distributed from the env the launcher passes (RANK, WORLD_SIZE,
+MASTER_ADDR, MASTER_PORT): nccl on CUDA, gloo on CPU. A single shard runs without a process group."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Parallel:
+    """Where this shard sits in the tensor-parallel group."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    def split(self, size: int, what: str) -> tuple[int, int]:
+        """This rank's [start, stop) of `size` items split evenly; uneven splits are a start-up error."""
+        if size % self.world_size:
+            raise ValueError(f"{what} ({size}) is not divisible by the number of shards ({self.world_size})")
+        part = size // self.world_size
+        return self.rank * part, (self.rank + 1) * part
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum `tensor` over the ranks in place (no-op for one shard)."""
+        if self.world_size > 1:
+            dist.all_reduce(tensor)
+        return tensor
+
+    def all_gather_last_dim(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Concatenate every rank's `tensor` along the last dim (vocab-parallel logits)."""
+        if self.world_size == 1:
+            return tensor
+        parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        dist.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts, dim=-1)
+
+
+def select_device(rank: int) -> torch.device:
+    """CUDA device of this rank when CUDA is present, else the CPU."""
+    if torch.cuda.is_available():
+        device = torch.device("cuda", rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        fraction = float(os.environ.get("CUDA_MEMORY_FRACTION", "1.0"))
+        if fraction < 1.0:
+            torch.cuda.set_per_process_memory_fraction(fraction, device)
+        return device
+    return torch.device("cpu")
+
+
+def initialize() -> tuple[Parallel, torch.device]:
+    """Join the process group described by the environment; returns this shard's place and device."""
+    rank = int(os.environ.get("RANK", "0"))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    device = select_device(rank)
+    if world_size > 1 and not dist.is_initialized():
+        for var in ("MASTER_ADDR", "MASTER_PORT"):
+            if var not in os.environ:
+                raise RuntimeError(f"{var} must be set for a sharded (WORLD_SIZE={world_size}) shard")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+    return Parallel(rank, world_size), device
+
+
+def shutdown() -> None:
+    """Leave the process group (if any) so peers see a clean exit."""
+    if dist.is_initialized():
+        dist.destroy_process_group()

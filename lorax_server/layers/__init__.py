@@ -1,0 +1,1 @@
+"""Building blocks of the models: rotary embeddings, paged attention, tensor-parallel linears."""

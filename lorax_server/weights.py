@@ -1,0 +1,108 @@
+"""Reading model weights: safetensors files (with per-rank slicing for tensor parallelism) and conversion of
+`.bin` and `.gguf` checkpoints into safetensors folders that the shards load."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+logger = logging.getLogger(__name__)
+
+
+class Weights:
+    """Lazy access to every tensor of a folder's `*.safetensors` files, sliced for this rank on demand.
+
+    Each rank reads only its own slice (safetensors' get_slice), so a sharded model never holds the full
+    weights in one process.
+    """
+
+    def __init__(self, folder: Path, dtype: torch.dtype, device: torch.device, rank: int = 0, world_size: int = 1):
+        files = sorted(Path(folder).glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"no *.safetensors files in {folder}")
+        self.dtype, self.device, self.rank, self.world_size = dtype, device, rank, world_size
+        self._where: dict[str, Path] = {}
+        for file in files:
+            with safe_open(str(file), framework="pt") as f:
+                for name in f.keys():
+                    self._where[name] = file
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def _slice(self, name: str):
+        if name not in self._where:
+            raise KeyError(f"tensor '{name}' is missing from the checkpoint")
+        return safe_open(str(self._where[name]), framework="pt").get_slice(name)
+
+    def _finish(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(device=self.device, dtype=self.dtype).contiguous()
+
+    def get(self, name: str) -> torch.Tensor:
+        """The whole tensor (replicated on every rank)."""
+        return self._finish(self._slice(name)[:])
+
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of dim 0 (column-parallel output features, vocab rows, biases)."""
+        return self._finish(self._slice(name)[start:stop])
+
+    def get_cols(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Columns [start, stop) of dim 1 (row-parallel input features)."""
+        return self._finish(self._slice(name)[:, start:stop])
+
+
+def load_config(folder: Path) -> dict:
+    """config.json of a model folder as a plain dict."""
+    return json.loads((Path(folder) / "config.json").read_text())
+
+
+def convert_gguf(gguf: Path, target: Path) -> None:
+    """Dequantize a GGUF checkpoint into a safetensors folder (config, weights, tokenizer) at `target`.
+
+    Written to a temporary folder first and renamed, so concurrent shards never see half a conversion.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    logger.info("converting %s to safetensors in %s (once)", gguf, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".converting-", dir=target.parent))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        model.save_pretrained(tmp, safe_serialization=True)
+        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / "config.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def convert_bin_files(folder: Path) -> list[Path]:
+    """Convert `pytorch_model*.bin` files of a folder to safetensors next to them (weights_only load)."""
+    from safetensors.torch import save_file
+
+    written = []
+    for binfile in sorted(Path(folder).glob("pytorch_model*.bin")):
+        out = binfile.with_name(binfile.name.replace("pytorch_model", "model").replace(".bin", ".safetensors"))
+        if out.exists():
+            continue
+        state = torch.load(binfile, map_location="cpu", weights_only=True)
+        seen: dict[int, str] = {}
+        tensors = {}
+        for name, tensor in state.items():
+            ptr = tensor.data_ptr()
+            if ptr in seen:  # tied weights: keep one copy (the model reties them on load)
+                continue
+            seen[ptr] = name
+            tensors[name] = tensor.contiguous()
+        save_file(tensors, str(out), metadata={"format": "pt"})
+        written.append(out)
+    return written
