@@ -1,0 +1,233 @@
+"""One generation step for a batch: forward, choose tokens, stop, detokenize, report Generations.
+
+Everything per token is tensor work over the whole batch; the only per-request Python is turning results into
+protobuf messages and the text bookkeeping that strings require.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+
+import torch
+
+from lorax_server.batch import Batch, RequestState
+from lorax_server.dist import Parallel
+from lorax_server.kv_cache import BLOCK_SIZE, KVCache
+from lorax_server.layers.attention import build_metadata
+from lorax_server.pb import generate_pb2
+from lorax_server.sampling import choose, i64_to_u64
+
+logger = logging.getLogger(__name__)
+
+FINISH_LENGTH = generate_pb2.FINISH_REASON_LENGTH
+FINISH_EOS = generate_pb2.FINISH_REASON_EOS_TOKEN
+FINISH_STOP = generate_pb2.FINISH_REASON_STOP_SEQUENCE
+
+
+def eos_token_ids(folder: Path, tokenizer) -> list[int]:
+    """The tokenizer's EOS plus every id listed by generation_config.json."""
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    gen = Path(folder) / "generation_config.json"
+    if gen.exists():
+        eos = json.loads(gen.read_text()).get("eos_token_id")
+        ids.update([eos] if isinstance(eos, int) else (eos or []))
+    return sorted(ids)
+
+
+def kv_capacity_tokens(model, device: torch.device) -> int:
+    """How many tokens of KV cache to allocate: most of the free GPU memory, or a bounded share of RAM."""
+    per_token = model.kv_bytes_per_token
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        fraction = float(os.environ.get("CUDA_MEMORY_FRACTION", "1.0"))
+        wiggle = float(os.environ.get("MEMORY_WIGGLE_ROOM", "0.9"))
+        budget = free * wiggle - (1 - fraction) * total
+        return max(int(budget // per_token), BLOCK_SIZE)
+    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    budget = min(available // 4, 4 << 30)
+    return max(min(int(budget // per_token), 131072), BLOCK_SIZE)
+
+
+class Generator:
+    """Owns the model, its KV cache and the tokenizer of one shard."""
+
+    def __init__(self, model, tokenizer, eos_ids: list[int], parallel: Parallel, device: torch.device):
+        self.model, self.tokenizer, self.parallel, self.device = model, tokenizer, parallel, device
+        self.eos_ids = torch.tensor(eos_ids, dtype=torch.int64, device=device)
+        self.special_ids = set(tokenizer.all_special_ids)
+        self.vocab = model.cfg.vocab_size
+        self.cache: KVCache | None = None
+
+    # ---- cache sizing -------------------------------------------------------------------------------
+    def allocate_cache(self, tokens: int) -> int:
+        """(Re)allocate the KV cache for `tokens` tokens (rounded down to whole blocks)."""
+        blocks = max(tokens // BLOCK_SIZE, 1)
+        self.cache = None
+        self.cache = KVCache(
+            self.model.cfg.num_layers, blocks, self.model.num_kv_heads, self.model.cfg.head_dim, self.model.dtype, self.device
+        )
+        return blocks * BLOCK_SIZE
+
+    def warmup(self, pb_batch: generate_pb2.Batch) -> int:
+        """Size the cache, prove the largest prefill the router will send fits, and return the capacity."""
+        capacity = self.allocate_cache(kv_capacity_tokens(self.model, self.device))
+        batch = Batch.from_pb(pb_batch, self.tokenizer, self.cache, self.device, max_new_override=2)
+        try:
+            _, batch = self.prefill(batch)
+            if batch is not None:
+                _, batch = self.decode([batch])
+        finally:
+            if batch is not None:
+                batch.release(self.cache)
+        return capacity
+
+    def new_batch(self, pb_batch: generate_pb2.Batch) -> Batch:
+        if self.cache is None:
+            self.allocate_cache(kv_capacity_tokens(self.model, self.device))
+        return Batch.from_pb(pb_batch, self.tokenizer, self.cache, self.device)
+
+    # ---- steps --------------------------------------------------------------------------------------
+    def prefill(self, batch: Batch) -> tuple[list[generate_pb2.Generation], Batch | None]:
+        """Run every prompt of a new batch through the model and choose each request's first token."""
+        lens = torch.tensor([r.prompt_len for r in batch.requests], dtype=torch.int64, device=self.device)
+        input_ids = torch.tensor([t for r in batch.requests for t in r.ids], dtype=torch.int64, device=self.device)
+        ends = torch.cumsum(lens, 0) - 1
+        # Rows whose logits we need: the last prompt token, or every prompt token for prompt logprobs.
+        rows, last_row, prompt_rows = [], [], {}
+        start = 0
+        for i, r in enumerate(batch.requests):
+            if r.prefill_logprobs:
+                prompt_rows[i] = len(rows)
+                rows.extend(range(start, start + r.prompt_len))
+            else:
+                rows.append(start + r.prompt_len - 1)
+            last_row.append(len(rows) - 1)
+            start += r.prompt_len
+        logit_rows = torch.tensor(rows, dtype=torch.int64, device=self.device) if prompt_rows else ends
+        meta = build_metadata(lens, lens, batch.block_tables, BLOCK_SIZE, self.model.cfg.sliding_window)
+        logits = self.model.forward(input_ids, meta, self.cache.tensor, logit_rows)
+        batch.kv_lens = lens
+        if batch.sampling.needs_counts:
+            batch.counts = batch.token_counts(self.vocab)
+        prompt_details = {}
+        if prompt_rows:
+            all_logprobs = logits.log_softmax(-1)
+            for i, first in prompt_rows.items():
+                prompt_details[i] = self._prompt_tokens(batch.requests[i], all_logprobs[first : first + batch.requests[i].prompt_len])
+            logits = logits[torch.tensor(last_row, device=self.device)]
+        return self._advance(batch, logits, prompt_details)
+
+    def decode(self, batches: list[Batch]) -> tuple[list[generate_pb2.Generation], Batch | None]:
+        """One token for every live request of the given batches, run as one forward."""
+        batch = Batch.concatenate(batches, self.vocab)
+        live = [i for i, r in enumerate(batch.requests) if not r.finished]
+        if len(live) < len(batch.requests):
+            batch = batch.select(live, self.cache)
+        if not batch.requests:
+            return [], None
+        kv_lens = batch.kv_lens + 1
+        meta = build_metadata(torch.ones_like(kv_lens), kv_lens, batch.block_tables, BLOCK_SIZE, self.model.cfg.sliding_window)
+        logits = self.model.forward(batch.next_ids, meta, self.cache.tensor, torch.arange(len(batch.requests), device=self.device))
+        batch.kv_lens = kv_lens
+        return self._advance(batch, logits, {})
+
+    def _advance(self, batch: Batch, logits: torch.Tensor, prompt_details: dict) -> tuple[list, Batch | None]:
+        """Choose tokens from last-position logits, apply stopping criteria, build Generations."""
+        lengths = batch.kv_lens
+        next_ids, logprobs, all_logprobs = choose(logits, batch.sampling, batch.generated, batch.counts, lengths)
+        batch.generated += 1
+        batch.next_ids = next_ids
+        if batch.counts is not None:
+            batch.counts[torch.arange(len(batch.requests)), next_ids] += 1
+        by_length = batch.generated >= batch.max_new_tokens
+        by_eos = torch.isin(next_ids, self.eos_ids) & ~batch.ignore_eos & ~by_length
+
+        ids_list, logprob_list = next_ids.tolist(), logprobs.tolist()
+        length_list, eos_list = by_length.tolist(), by_eos.tolist()
+        texts = self._incremental_texts(batch.requests, ids_list)
+        alternatives = self._alternatives(batch.requests, all_logprobs)
+        generations = []
+        for i, r in enumerate(batch.requests):
+            token = ids_list[i]
+            r.ids.append(token)
+            r.generated_ids.append(token)
+            r.text += texts[i]
+            reason = FINISH_LENGTH if length_list[i] else FINISH_EOS if eos_list[i] else None
+            if reason is None and r.stop_sequences and any(r.text.endswith(s) for s in r.stop_sequences):
+                reason = FINISH_STOP
+            r.finished = reason is not None
+            if self.parallel.rank != 0:
+                continue
+            generation = generate_pb2.Generation(
+                request_id=r.id,
+                next_tokens=generate_pb2.NextTokens(
+                    ids=[token], logprobs=[logprob_list[i]], texts=[texts[i]], is_special=[token in self.special_ids],
+                    alternative_tokens=alternatives.get(i, []),
+                ),
+            )
+            if i in prompt_details:
+                generation.prefill_tokens.CopyFrom(prompt_details[i])
+                generation.prefill_tokens_length = r.prompt_len
+            if r.finished:
+                generation.generated_text.CopyFrom(self._generated_text(batch, i, reason))
+            generations.append(generation)
+        if all(r.finished for r in batch.requests):
+            batch.release(self.cache)
+            return generations, None
+        return generations, batch
+
+    def _generated_text(self, batch: Batch, row: int, reason: int) -> generate_pb2.GeneratedText:
+        r = batch.requests[row]
+        out = generate_pb2.GeneratedText(
+            text=self.tokenizer.decode(r.generated_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False),
+            generated_tokens=len(r.generated_ids),
+            finish_reason=reason,
+        )
+        if bool(batch.sampling.sample[row]):
+            out.seed = i64_to_u64(int(batch.sampling.seed[row]))
+        return out
+
+    def _incremental_texts(self, requests: list[RequestState], new_ids: list[int]) -> list[str]:
+        """Text each new token adds, decoding a short window so multi-byte characters come out whole."""
+        windows = [r.ids[r.prefix_offset : r.read_offset] for r in requests]
+        extended = [r.ids[r.prefix_offset : r.read_offset] + [t] for r, t in zip(requests, new_ids)]
+        before = self.tokenizer.batch_decode(windows, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        after = self.tokenizer.batch_decode(extended, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        texts = []
+        for r, prev, full in zip(requests, before, after):
+            if len(full) > len(prev) and not full.endswith("\ufffd"):
+                texts.append(full[len(prev) :])
+                r.prefix_offset = r.read_offset
+                r.read_offset = len(r.ids) + 1
+            else:
+                texts.append("")
+        return texts
+
+    def _alternatives(self, requests: list[RequestState], logprobs: torch.Tensor) -> dict[int, list]:
+        """Top-k alternatives for the requests that asked for them."""
+        out = {}
+        for i, r in enumerate(requests):
+            if r.return_k_alternatives > 0:
+                values, ids = logprobs[i].topk(min(r.return_k_alternatives, logprobs.shape[-1]))
+                ids_list = ids.tolist()
+                out[i] = [
+                    generate_pb2.AlternativeTokens(
+                        ids=ids_list, logprobs=values.tolist(), texts=self.tokenizer.batch_decode([[t] for t in ids_list])
+                    )
+                ]
+        return out
+
+    def _prompt_tokens(self, r: RequestState, logprobs: torch.Tensor) -> generate_pb2.NextTokens:
+        """Prompt tokens with the logprob of each given the ones before it (the first has none: NaN)."""
+        prompt = r.ids[: r.prompt_len]
+        ids = torch.tensor(prompt[1:], dtype=torch.int64, device=logprobs.device)
+        values = [math.nan] + logprobs[:-1].gather(-1, ids[:, None]).squeeze(-1).tolist()
+        return generate_pb2.NextTokens(
+            ids=prompt, logprobs=values, texts=self.tokenizer.batch_decode([[t] for t in prompt]),
+            is_special=[t in self.special_ids for t in prompt],
+        )

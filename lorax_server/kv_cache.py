@@ -1,0 +1,39 @@
+"""The KV cache: one preallocated tensor for all layers, handed out to requests in fixed-size blocks."""
+from __future__ import annotations
+
+import torch
+
+BLOCK_SIZE = 16
+
+
+class OutOfBlocks(Exception):
+    """The cache cannot hold the tokens a batch asked for (the router exceeded its token budget)."""
+
+
+class KVCache:
+    """[layers, 2, num_blocks*BLOCK_SIZE, kv_heads, head_dim] storage plus a free list of blocks."""
+
+    def __init__(self, num_layers: int, num_blocks: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device):
+        self.tensor = torch.zeros(num_layers, 2, num_blocks * BLOCK_SIZE, kv_heads, head_dim, dtype=dtype, device=device)
+        self.num_blocks = num_blocks
+        self._free = list(range(num_blocks - 1, -1, -1))
+
+    @property
+    def free_blocks(self) -> int:
+        return len(self._free)
+
+    @staticmethod
+    def blocks_for(tokens: int) -> int:
+        return -(-tokens // BLOCK_SIZE)
+
+    def allocate(self, token_counts: list[int]) -> list[list[int]]:
+        """Blocks for each request's whole lifetime (prompt + max_new_tokens), all or nothing."""
+        needed = [self.blocks_for(n) for n in token_counts]
+        if sum(needed) > len(self._free):
+            raise OutOfBlocks(
+                f"KV cache full: {sum(needed) * BLOCK_SIZE} tokens requested, {len(self._free) * BLOCK_SIZE} free"
+            )
+        return [[self._free.pop() for _ in range(n)] for n in needed]
+
+    def free(self, blocks: list[int]) -> None:
+        self._free.extend(blocks)

@@ -1,0 +1,174 @@
+"""The shard's gRPC service: turns RPCs into Generator calls and keeps live batches by id.
+
+Model work runs on one worker thread (the model and KV cache are not thread-safe, and every shard of a
+tensor-parallel group must run the same collectives in the same order); the event loop stays free to answer
+Health and Info meanwhile. Any exception becomes a gRPC error carrying its message.
+"""
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import torch
+
+from lorax_server.batch import Batch
+from lorax_server.dist import Parallel
+from lorax_server.generation import Generator
+from lorax_server.kv_cache import BLOCK_SIZE, OutOfBlocks
+from lorax_server.pb import generate_pb2, generate_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+
+def _rpc(method):
+    """Map exceptions to gRPC statuses with the Python message (the router shows it to the user)."""
+
+    @functools.wraps(method)
+    async def wrapper(self, request, context):
+        try:
+            return await method(self, request, context)
+        except OutOfBlocks as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        except (KeyError, ValueError) as exc:
+            logger.warning("%s failed: %s", method.__name__, exc)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc).strip("'\""))
+        except Exception as exc:  # the shard must survive any single bad call
+            logger.exception("%s failed", method.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL, str(exc))
+
+    return wrapper
+
+
+class LoraxService(generate_pb2_grpc.LoraxServiceServicer):
+    def __init__(self, generator: Generator, parallel: Parallel, uds_base: str):
+        self.generator = generator
+        self.parallel = parallel
+        self.uds_base = uds_base
+        self.batches: dict[int, Batch] = {}
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+
+    async def _run(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
+
+    def _pop(self, batch_id: int) -> Batch:
+        if batch_id not in self.batches:
+            raise KeyError(f"batch {batch_id} not found")
+        return self.batches.pop(batch_id)
+
+    @_rpc
+    async def Info(self, request, context):
+        model = self.generator.model
+        return generate_pb2.InfoResponse(
+            requires_padding=False,
+            dtype=str(model.dtype),
+            device_type=self.generator.device.type,
+            window_size=model.cfg.sliding_window,
+            block_size=BLOCK_SIZE,
+            speculate=0,
+            supports_generation=True,
+            requires_block_allocator=False,
+        )
+
+    @_rpc
+    async def Health(self, request, context):
+        await self._run(lambda: torch.ones(1, device=self.generator.device).sum().item())
+        return generate_pb2.HealthResponse()
+
+    @_rpc
+    async def ServiceDiscovery(self, request, context):
+        urls = [f"unix://{self.uds_base}-{rank}" for rank in range(self.parallel.world_size)]
+        return generate_pb2.ServiceDiscoveryResponse(urls=urls)
+
+    @_rpc
+    async def ClearCache(self, request, context):
+        ids = [request.id] if request.HasField("id") else list(self.batches)
+        for batch_id in ids:
+            batch = self.batches.pop(batch_id, None)
+            if batch is not None:
+                batch.release(self.generator.cache)
+        return generate_pb2.ClearCacheResponse()
+
+    @_rpc
+    async def Warmup(self, request, context):
+        for batch in self.batches.values():
+            batch.release(self.generator.cache)
+        self.batches.clear()
+        capacity = await self._run(self.generator.warmup, request.batch)
+        logger.info("KV cache holds %d tokens", capacity)
+        return generate_pb2.WarmupResponse(max_supported_total_tokens=capacity)
+
+    @_rpc
+    async def Prefill(self, request, context):
+        def step():
+            batch = self.generator.new_batch(request.batch)
+            try:
+                return self.generator.prefill(batch)
+            except Exception:
+                batch.release(self.generator.cache)
+                raise
+
+        generations, batch = await self._run(step)
+        return self._answer(generate_pb2.PrefillResponse, generations, batch)
+
+    @_rpc
+    async def Decode(self, request, context):
+        if not request.batches:
+            raise ValueError("Decode needs at least one batch")
+        batches = [self._pop(b.id) for b in request.batches]
+
+        def step():
+            try:
+                return self.generator.decode(batches)
+            except Exception:
+                for b in batches:
+                    b.release(self.generator.cache)
+                raise
+
+        generations, batch = await self._run(step)
+        return self._answer(generate_pb2.DecodeResponse, generations, batch)
+
+    def _answer(self, response_type, generations, batch: Batch | None):
+        response = response_type(generations=generations)
+        if batch is not None:
+            self.batches[batch.id] = batch
+            response.batch.CopyFrom(batch.to_pb())
+        return response
+
+    @_rpc
+    async def FilterBatch(self, request, context):
+        batch = self._pop(request.batch_id)
+        try:
+            kept = batch.filter(list(request.request_ids), self.generator.cache)
+        except ValueError:
+            batch.release(self.generator.cache)
+            raise
+        self.batches[kept.id] = kept
+        return generate_pb2.FilterBatchResponse(batch=kept.to_pb())
+
+    @_rpc
+    async def DownloadAdapter(self, request, context):
+        raise NotImplementedError("dynamic LoRA adapters are not supported by this shard yet")
+
+    @_rpc
+    async def LoadAdapter(self, request, context):
+        raise NotImplementedError("dynamic LoRA adapters are not supported by this shard yet")
+
+    @_rpc
+    async def OffloadAdapter(self, request, context):
+        raise NotImplementedError("dynamic LoRA adapters are not supported by this shard yet")
+
+
+async def serve(service: LoraxService, socket_path: str) -> None:
+    """Serve on unix://socket_path until cancelled; the socket appears only now, after the model loaded."""
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 2**31 - 1)])
+    generate_pb2_grpc.add_LoraxServiceServicer_to_server(service, server)
+    server.add_insecure_port(f"unix://{socket_path}")
+    await server.start()
+    logger.info("shard %d serving on unix://%s", service.parallel.rank, socket_path)
+    try:
+        await server.wait_for_termination()
+    finally:
+        await server.stop(grace=2)

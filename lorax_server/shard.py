@@ -1,0 +1,27 @@
+"""Assemble one shard: resolve the model folder, load weights and tokenizer, wrap them in the gRPC service."""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from lorax_server.dist import Parallel
+from lorax_server.generation import Generator, eos_token_ids
+from lorax_server.models import load_model
+from lorax_server.server import LoraxService
+from lorax_server.sources import locate_model
+
+logger = logging.getLogger(__name__)
+
+
+def build_service(
+    model_id: str, revision: str | None, source: str, dtype: str | None, parallel: Parallel, device: torch.device, uds_path: str
+) -> LoraxService:
+    from transformers import AutoTokenizer
+
+    folder = locate_model(model_id, revision, source)
+    logger.info("loading %s from %s on %s (rank %d/%d)", model_id, folder, device, parallel.rank, parallel.world_size)
+    model = load_model(folder, dtype, device, parallel)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    generator = Generator(model, tokenizer, eos_token_ids(folder, tokenizer), parallel, device)
+    return LoraxService(generator, parallel, uds_path)
