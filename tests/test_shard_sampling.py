@@ -1,0 +1,159 @@
+"""Sampling and stopping on the shard: greedy, seeds, top-k/top-p, penalties, EOS, stop sequences, logprobs."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lorax_server.dist import Parallel
+from lorax_server.kv_cache import KVCache, OutOfBlocks
+from lorax_server.pb import generate_pb2 as pb
+from lorax_server.sampling import SamplingParams, apply_penalties, choose, uniform_noise, warp
+from lorax_server.shard import build_service
+from tests.test_shard_exactness import make_request
+
+
+def params(**kw) -> pb.NextTokenChooserParameters:
+    base = dict(temperature=1.0, top_p=1.0, typical_p=1.0, repetition_penalty=1.0)
+    base.update(kw)
+    return pb.NextTokenChooserParameters(**base)
+
+
+def test_sampling_decision_follows_parameters():
+    p = SamplingParams.from_pb(
+        [params(), params(do_sample=True), params(temperature=0.0, do_sample=True), params(top_k=5), params(temperature=0.7)],
+        torch.device("cpu"),
+    )
+    assert p.sample.tolist() == [False, True, False, True, True]
+
+
+def test_noise_is_deterministic_per_seed_and_step():
+    seeds = torch.tensor([1, 1, 2, -5])
+    steps = torch.tensor([0, 1, 0, 0])
+    a, b = uniform_noise(seeds, steps, 1000), uniform_noise(seeds, steps, 1000)
+    assert torch.equal(a, b)
+    assert not torch.equal(a[0], a[1]) and not torch.equal(a[0], a[2])
+    assert 0 < a.min() and a.max() < 1
+    assert abs(a.mean().item() - 0.5) < 0.02
+
+
+def test_top_k_one_equals_greedy_and_top_p_keeps_most_likely():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 50)
+    p = SamplingParams.from_pb([params(top_k=1, seed=s) for s in range(4)], torch.device("cpu"))
+    ids, _, _ = choose(logits, p, torch.zeros(4, dtype=torch.int64), None, torch.ones(4))
+    assert torch.equal(ids, logits.argmax(-1))
+    p = SamplingParams.from_pb([params(top_p=0.01, seed=s) for s in range(4)], torch.device("cpu"))
+    warped = warp(logits, p)
+    assert torch.equal(torch.isfinite(warped).sum(-1), torch.ones(4, dtype=torch.int64))
+
+
+def test_sampled_distribution_follows_temperature():
+    logits = torch.tensor([[2.0, 1.0, 0.0]]).repeat(4000, 1)
+    p = SamplingParams.from_pb([params(do_sample=True, seed=s) for s in range(4000)], torch.device("cpu"))
+    ids, _, _ = choose(logits, p, torch.zeros(4000, dtype=torch.int64), None, torch.ones(4000))
+    freq = torch.bincount(ids, minlength=3).float() / 4000
+    expected = logits[0].softmax(-1)
+    assert torch.allclose(freq, expected, atol=0.03)
+
+
+def test_repetition_penalty_matches_reference_definition():
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0]])
+    counts = torch.tensor([[1, 1, 0, 0]], dtype=torch.int32)
+    p = SamplingParams.from_pb([params(repetition_penalty=2.0, frequency_penalty=0.5, presence_penalty=0.25)], torch.device("cpu"))
+    out = apply_penalties(logits, p, counts, torch.tensor([4]))
+    expected = torch.tensor([[2.0 / 2 - 0.5 * 1 / 4 - 0.25, -1.0 * 2 - 0.5 * 1 / 4 - 0.25, 0.5, 3.0]])
+    assert torch.allclose(out, expected)
+
+
+def test_kv_blocks_are_all_or_nothing_and_returned():
+    cache = KVCache(1, 4, 1, 2, torch.float32, torch.device("cpu"))
+    blocks = cache.allocate([16, 17])
+    assert [len(b) for b in blocks] == [1, 2] and cache.free_blocks == 1
+    with pytest.raises(OutOfBlocks):
+        cache.allocate([1, 1])
+    assert cache.free_blocks == 1
+    for b in blocks:
+        cache.free(b)
+    assert cache.free_blocks == 4
+
+
+@pytest.fixture(scope="module")
+def generator(tiny_model_dir):
+    folder, _ = tiny_model_dir
+    gen = build_service(str(folder), None, "hub", None, Parallel(), torch.device("cpu"), "/unused").generator
+    gen.allocate_cache(1024)
+    return gen
+
+
+def finish(generator, request: pb.Request):
+    gens, batch = generator.prefill(generator.new_batch(pb.Batch(id=7, requests=[request])))
+    steps = [gens[0]]
+    while batch is not None:
+        gens, batch = generator.decode([batch])
+        steps.append(gens[0])
+    return steps
+
+
+def test_same_seed_same_text_and_seed_reported(generator):
+    req = make_request(generator.tokenizer, 1, "Hello world", 12, do_sample=True, seed=1234, temperature=1.5)
+    a, b = finish(generator, req), finish(generator, req)
+    assert [s.next_tokens.ids[0] for s in a] == [s.next_tokens.ids[0] for s in b]
+    assert a[-1].generated_text.seed == 1234
+    other = finish(generator, make_request(generator.tokenizer, 1, "Hello world", 12, do_sample=True, seed=99, temperature=1.5))
+    assert [s.next_tokens.ids[0] for s in a] != [s.next_tokens.ids[0] for s in other]
+    greedy = finish(generator, make_request(generator.tokenizer, 1, "Hello world", 3))
+    assert not greedy[-1].generated_text.HasField("seed")
+
+
+def test_length_stop_and_generated_text(generator):
+    steps = finish(generator, make_request(generator.tokenizer, 1, "Hello world", 5))
+    assert len(steps) == 5
+    final = steps[-1].generated_text
+    assert final.finish_reason == pb.FINISH_REASON_LENGTH and final.generated_tokens == 5
+    ids = [s.next_tokens.ids[0] for s in steps]
+    assert final.text == generator.tokenizer.decode(ids, skip_special_tokens=True)
+    # streamed pieces add up to the text, except bytes that never complete a UTF-8 character
+    assert "".join(s.next_tokens.texts[0] for s in steps) == generator.tokenizer.decode(ids).replace("\ufffd", "")
+
+
+def test_stop_sequence_ends_generation(generator):
+    steps = finish(generator, make_request(generator.tokenizer, 1, "Hello world", 12))
+    texts = [s.next_tokens.texts[0] for s in steps]
+    stop = next(t for t in texts[2:] if t.strip())
+    req = make_request(generator.tokenizer, 1, "Hello world", 12)
+    req.stopping_parameters.stop_sequences.append(stop)
+    cut = finish(generator, req)
+    assert cut[-1].generated_text.finish_reason == pb.FINISH_REASON_STOP_SEQUENCE
+    assert cut[-1].generated_text.text.endswith(stop)
+    assert len(cut) <= texts.index(stop) + 1
+
+
+def test_eos_stops_unless_ignored(generator):
+    steps = finish(generator, make_request(generator.tokenizer, 1, "Hello world", 6))
+    first = steps[0].next_tokens.ids[0]
+    generator.eos_ids = torch.tensor([first])
+    try:
+        req = make_request(generator.tokenizer, 1, "Hello world", 6)
+        req.stopping_parameters.ignore_eos_token = False
+        stopped = finish(generator, req)
+        assert len(stopped) == 1 and stopped[0].generated_text.finish_reason == pb.FINISH_REASON_EOS_TOKEN
+        assert len(finish(generator, make_request(generator.tokenizer, 1, "Hello world", 6))) == 6
+    finally:
+        generator.eos_ids = torch.tensor([generator.tokenizer.eos_token_id])
+
+
+def test_prompt_logprobs_equal_log_softmax_of_transformers(generator, tiny_model_dir):
+    _, model = tiny_model_dir
+    req = make_request(generator.tokenizer, 1, "What is the capital of France?", 2)
+    req.prefill_logprobs = True
+    steps = finish(generator, req)
+    prefill = steps[0].prefill_tokens
+    ids = torch.tensor([list(prefill.ids)])
+    with torch.no_grad():
+        ref = model(ids).logits[0].log_softmax(-1)
+    assert math.isnan(prefill.logprobs[0])
+    expected = ref[:-1].gather(-1, ids[0, 1:, None]).squeeze(-1)
+    assert torch.allclose(torch.tensor(list(prefill.logprobs[1:])), expected, atol=1e-4)
+    assert abs(steps[0].next_tokens.logprobs[0] - ref[-1].max().item()) < 1e-4
