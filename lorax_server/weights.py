@@ -73,9 +73,27 @@ def convert_gguf(gguf: Path, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".converting-", dir=target.parent))
     try:
+        from safetensors.torch import save_file
+
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        model.save_pretrained(tmp, safe_serialization=True)
+        # transformers refuses save_pretrained on GGUF-loaded models, so write the dequantized tensors directly.
+        tensors, seen = {}, set()
+        for name, tensor in model.state_dict().items():
+            if tensor.data_ptr() in seen:  # tied lm_head
+                continue
+            seen.add(tensor.data_ptr())
+            tensors[name] = tensor.contiguous()
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        config = model.config
+        for attr in ("quantization_config",):
+            if hasattr(config, attr):
+                delattr(config, attr)
+        config.architectures = [type(model).__name__]
+        config.save_pretrained(tmp)
+        if model.generation_config is not None:
+            model.generation_config.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
+        os.chmod(tmp, 0o755)
         try:
             os.rename(tmp, target)
         except OSError:
