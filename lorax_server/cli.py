@@ -50,7 +50,7 @@ def serve(model_id, adapter_id, revision, sharded, quantize, compile_, dtype, tr
 
     parallel, device = dist.initialize()
     try:
-        service = build_service(model_id, revision, source, dtype, parallel, device, uds_path)
+        service = build_service(model_id, revision, source, dtype, parallel, device, uds_path, adapter_id, adapter_source)
         socket_path = f"{uds_path}-{parallel.rank}"
         if os.path.exists(socket_path):
             os.unlink(socket_path)
@@ -98,6 +98,16 @@ def download_weights(model_id, revision, extension, source, adapter_id, adapter_
             click.echo(f"Error: model '{model_id}' (source {source}) has no safetensors or .bin weights", err=True)
             sys.exit(1)
     logger.info("model %s ready in %s", model_id, folder)
+    if adapter_id:
+        from lorax_server.adapters.config import AdapterError, read_config
+        from lorax_server.adapters.sources import fetch_adapter
+
+        try:
+            read_config(fetch_adapter(adapter_id, adapter_source, trusted=True), adapter_id)
+        except AdapterError as exc:
+            click.echo(f"Error: {exc}", err=True)
+            sys.exit(1)
+        logger.info("adapter %s ready", adapter_id)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from lorax_server.adapters.registry import AdapterRegistry
 from lorax_server.batch import Batch, RequestState
 from lorax_server.dist import Parallel
 from lorax_server.kv_cache import BLOCK_SIZE, KVCache
@@ -56,8 +57,9 @@ def kv_capacity_tokens(model, device: torch.device) -> int:
 class Generator:
     """Owns the model, its KV cache and the tokenizer of one shard."""
 
-    def __init__(self, model, tokenizer, eos_ids: list[int], parallel: Parallel, device: torch.device):
+    def __init__(self, model, tokenizer, eos_ids: list[int], parallel: Parallel, device: torch.device, adapters: AdapterRegistry):
         self.model, self.tokenizer, self.parallel, self.device = model, tokenizer, parallel, device
+        self.adapters = adapters
         self.eos_ids = torch.tensor(eos_ids, dtype=torch.int64, device=device)
         self.special_ids = set(tokenizer.all_special_ids)
         self.vocab = model.cfg.vocab_size
@@ -110,7 +112,8 @@ class Generator:
             start += r.prompt_len
         logit_rows = torch.tensor(rows, dtype=torch.int64, device=self.device) if prompt_rows else ends
         meta = build_metadata(lens, lens, batch.block_tables, BLOCK_SIZE, self.model.cfg.sliding_window)
-        logits = self.model.forward(input_ids, meta, self.cache.tensor, logit_rows)
+        lora = self.adapters.lora_batch(batch.adapter_indices, lens)
+        logits = self.model.forward(input_ids, meta, self.cache.tensor, logit_rows, lora)
         batch.kv_lens = lens
         if batch.sampling.needs_counts:
             batch.counts = batch.token_counts(self.vocab)
@@ -132,7 +135,9 @@ class Generator:
             return [], None
         kv_lens = batch.kv_lens + 1
         meta = build_metadata(torch.ones_like(kv_lens), kv_lens, batch.block_tables, BLOCK_SIZE, self.model.cfg.sliding_window)
-        logits = self.model.forward(batch.next_ids, meta, self.cache.tensor, torch.arange(len(batch.requests), device=self.device))
+        lora = self.adapters.lora_batch(batch.adapter_indices, None)
+        rows = torch.arange(len(batch.requests), device=self.device)
+        logits = self.model.forward(batch.next_ids, meta, self.cache.tensor, rows, lora)
         batch.kv_lens = kv_lens
         return self._advance(batch, logits, {})
 

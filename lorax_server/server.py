@@ -14,6 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import torch
 
+from lorax_server.adapters.config import AdapterError
+from lorax_server.adapters.registry import AdapterKey
 from lorax_server.batch import Batch
 from lorax_server.dist import Parallel
 from lorax_server.generation import Generator
@@ -32,6 +34,9 @@ def _rpc(method):
             return await method(self, request, context)
         except OutOfBlocks as exc:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        except AdapterError as exc:
+            logger.warning("%s failed: %s", method.__name__, exc)
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         except (KeyError, ValueError) as exc:
             logger.warning("%s failed: %s", method.__name__, exc)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc).strip("'\""))
@@ -150,15 +155,32 @@ class LoraxService(generate_pb2_grpc.LoraxServiceServicer):
 
     @_rpc
     async def DownloadAdapter(self, request, context):
-        raise NotImplementedError("dynamic LoRA adapters are not supported by this shard yet")
+        key = AdapterKey.from_pb(request.adapter_parameters, request.adapter_source)
+        if key.is_base:
+            return generate_pb2.DownloadAdapterResponse(downloaded=False)
+        token = request.api_token if request.HasField("api_token") else None
+        registry = self.generator.adapters
+        weights = await asyncio.to_thread(registry.fetch, key, token)  # network/disk: off the model thread
+        return generate_pb2.DownloadAdapterResponse(downloaded=True, memory_fraction=registry.memory_fraction(weights))
 
     @_rpc
     async def LoadAdapter(self, request, context):
-        raise NotImplementedError("dynamic LoRA adapters are not supported by this shard yet")
+        key = AdapterKey.from_pb(request.adapter_parameters, request.adapter_source)
+        if key.is_base:
+            return generate_pb2.LoadAdapterResponse(loaded=False)
+        token = request.api_token if request.HasField("api_token") else None
+        registry = self.generator.adapters
+        await asyncio.to_thread(registry.fetch, key, token)
+        await self._run(registry.load, key, request.adapter_index, token)
+        return generate_pb2.LoadAdapterResponse(loaded=True)
 
     @_rpc
     async def OffloadAdapter(self, request, context):
-        raise NotImplementedError("dynamic LoRA adapters are not supported by this shard yet")
+        key = AdapterKey.from_pb(request.adapter_parameters, request.adapter_source)
+        if key.is_base or request.adapter_index == 0:  # index 0 is the base model or the static adapter
+            return generate_pb2.OffloadAdapterResponse(offloaded=False)
+        offloaded = await self._run(self.generator.adapters.offload, request.adapter_index)
+        return generate_pb2.OffloadAdapterResponse(offloaded=offloaded)
 
 
 async def serve(service: LoraxService, socket_path: str) -> None:

@@ -5,6 +5,7 @@ import logging
 
 import torch
 
+from lorax_server.adapters.registry import AdapterKey, AdapterRegistry
 from lorax_server.dist import Parallel
 from lorax_server.generation import Generator, eos_token_ids
 from lorax_server.models import load_model
@@ -15,13 +16,18 @@ logger = logging.getLogger(__name__)
 
 
 def build_service(
-    model_id: str, revision: str | None, source: str, dtype: str | None, parallel: Parallel, device: torch.device, uds_path: str
+    model_id: str, revision: str | None, source: str, dtype: str | None, parallel: Parallel, device: torch.device,
+    uds_path: str, adapter_id: str = "", adapter_source: str = "hub",
 ) -> LoraxService:
+    """A ready service; a static `adapter_id` is loaded at index 0, so it applies to requests naming none."""
     from transformers import AutoTokenizer
 
     folder = locate_model(model_id, revision, source)
     logger.info("loading %s from %s on %s (rank %d/%d)", model_id, folder, device, parallel.rank, parallel.world_size)
     model = load_model(folder, dtype, device, parallel)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    generator = Generator(model, tokenizer, eos_token_ids(folder, tokenizer), parallel, device)
+    adapters = AdapterRegistry(model, device)
+    if adapter_id:
+        adapters.load(AdapterKey((adapter_id,), adapter_source), 0, trusted=True)
+    generator = Generator(model, tokenizer, eos_token_ids(folder, tokenizer), parallel, device, adapters)
     return LoraxService(generator, parallel, uds_path)

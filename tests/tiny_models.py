@@ -56,3 +56,19 @@ def make_model(arch: str, folder: Path, seed: int = 0, **overrides):
             p.mul_(4.0) if p.dim() > 1 else None
     model.save_pretrained(folder)
     return model
+
+
+def make_adapter(model, folder: Path, seed: int, r: int, alpha: float, targets: list[str], **extra) -> Path:
+    """A random PEFT LoRA adapter for `model` (B non-zero so it changes the output), saved in `folder`."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, init_lora_weights=False, **extra)
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn_like(p) * 0.3)
+    peft_model.save_pretrained(folder)
+    peft_model.unload()  # restore the base model object for the next adapter
+    return folder

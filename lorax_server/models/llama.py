@@ -12,7 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from lorax_server.dist import Parallel
+from lorax_server.adapters.weights import ModuleShape
 from lorax_server.layers.attention import AttentionMetadata, paged_attention
+from lorax_server.layers.lora import LoraBatch
 from lorax_server.layers.rotary import Rotary, apply_rotary
 from lorax_server.weights import Weights
 
@@ -97,7 +99,9 @@ class LlamaLayer:
         d = cfg.head_dim
         q0, q1 = parallel.split(cfg.num_heads, "num_attention_heads")
         k0, k1 = kv_heads_for_rank(cfg, parallel)
+        self.index = index
         self.num_heads, self.num_kv_heads, self.head_dim = q1 - q0, k1 - k0, d
+        self.q_range, self.kv_range = (q0 * d, q1 * d), (k0 * d, k1 * d)
         self.q_size, self.kv_size = self.num_heads * d, self.num_kv_heads * d
         qkv = [
             weights.get_rows(f"{p}.self_attn.q_proj.weight", q0 * d, q1 * d),
@@ -115,7 +119,7 @@ class LlamaLayer:
         self.o_weight = weights.get_cols(f"{p}.self_attn.o_proj.weight", q0 * d, q1 * d).t().contiguous()
         self.o_bias = weights.get(f"{p}.self_attn.o_proj.bias") if cfg.o_bias else None
         i0, i1 = parallel.split(cfg.intermediate_size, "intermediate_size")
-        self.inter = i1 - i0
+        self.inter, self.inter_range = i1 - i0, (i0, i1)
         gate_up = [weights.get_rows(f"{p}.mlp.gate_proj.weight", i0, i1), weights.get_rows(f"{p}.mlp.up_proj.weight", i0, i1)]
         self.gate_up_weight = torch.cat(gate_up).t().contiguous()
         self.down_weight = weights.get_cols(f"{p}.mlp.down_proj.weight", i0, i1).t().contiguous()
@@ -125,8 +129,13 @@ class LlamaLayer:
         self.post_norm = weights.get(f"{p}.post_attention_layernorm.weight")
         self.scale = d**-0.5
 
-    def _row_parallel(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        out = self.parallel.all_reduce(x @ weight)
+    def _row_parallel(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora: LoraBatch | None, group: str
+    ) -> torch.Tensor:
+        out = x @ weight
+        if lora is not None:  # the partial x@A sums over ranks in the same all-reduce as the base output
+            out = lora.apply(group, self.index, x, out)
+        out = self.parallel.all_reduce(out)
         return out + bias if bias is not None else out
 
     def forward(
@@ -137,9 +146,12 @@ class LlamaLayer:
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
+        lora: LoraBatch | None,
     ) -> torch.Tensor:
         x = rms_norm(hidden, self.input_norm, self.eps)
         qkv = x @ self.qkv_weight
+        if lora is not None:
+            qkv = lora.apply("qkv", self.index, x, qkv)
         if self.qkv_bias is not None:
             qkv = qkv + self.qkv_bias
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -148,11 +160,14 @@ class LlamaLayer:
         k = apply_rotary(k.view(tokens, self.num_kv_heads, self.head_dim), cos, sin)
         v = v.view(tokens, self.num_kv_heads, self.head_dim)
         attn = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale)
-        hidden = hidden + self._row_parallel(attn, self.o_weight, self.o_bias)
+        hidden = hidden + self._row_parallel(attn, self.o_weight, self.o_bias, lora, "o")
 
         x = rms_norm(hidden, self.post_norm, self.eps)
-        gate, up = (x @ self.gate_up_weight).split([self.inter, self.inter], dim=-1)
-        return hidden + self._row_parallel(F.silu(gate) * up, self.down_weight, None)
+        gate_up = x @ self.gate_up_weight
+        if lora is not None:
+            gate_up = lora.apply("gate_up", self.index, x, gate_up)
+        gate, up = gate_up.split([self.inter, self.inter], dim=-1)
+        return hidden + self._row_parallel(F.silu(gate) * up, self.down_weight, None, lora, "down")
 
 
 class LlamaModel:
@@ -172,6 +187,20 @@ class LlamaModel:
         self.norm = weights.get("model.norm.weight")
         self.rotary = Rotary(config, cfg.head_dim, cfg.max_position_embeddings, self.device, self.dtype)
         self.num_kv_heads = self.layers[0].num_kv_heads
+
+    def lora_shapes(self) -> dict[str, ModuleShape]:
+        """Full sizes of each LoRA-targetable linear and the slice this rank holds."""
+        layer, hidden, inter = self.layers[0], self.cfg.hidden_size, self.cfg.intermediate_size
+        q_full, kv_full = self.cfg.num_heads * self.cfg.head_dim, self.cfg.num_kv_heads * self.cfg.head_dim
+        return {
+            "q_proj": ModuleShape(hidden, q_full, "out", *layer.q_range),
+            "k_proj": ModuleShape(hidden, kv_full, "out", *layer.kv_range),
+            "v_proj": ModuleShape(hidden, kv_full, "out", *layer.kv_range),
+            "o_proj": ModuleShape(q_full, hidden, "in", *layer.q_range),
+            "gate_proj": ModuleShape(hidden, inter, "out", *layer.inter_range),
+            "up_proj": ModuleShape(hidden, inter, "out", *layer.inter_range),
+            "down_proj": ModuleShape(inter, hidden, "in", *layer.inter_range),
+        }
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -194,6 +223,7 @@ class LlamaModel:
         meta: AttentionMetadata,
         kv_cache: torch.Tensor,
         logit_rows: torch.Tensor,
+        lora: LoraBatch | None = None,
     ) -> torch.Tensor:
         """Logits [len(logit_rows), vocab] for the selected flat tokens; K/V of every token go to the cache.
 
@@ -202,7 +232,7 @@ class LlamaModel:
         hidden = self._embed(input_ids)
         cos, sin = self.rotary.tables(meta.positions)
         for i, layer in enumerate(self.layers):
-            hidden = layer.forward(hidden, cos, sin, kv_cache[i, 0], kv_cache[i, 1], meta)
+            hidden = layer.forward(hidden, cos, sin, kv_cache[i, 0], kv_cache[i, 1], meta, lora)
         hidden = rms_norm(hidden[logit_rows], self.norm, self.cfg.rms_norm_eps)
         logits = hidden @ self.lm_head.t()
         return self.parallel.all_gather_last_dim(logits).float()

@@ -1,0 +1,178 @@
+"""The shard's adapters across three tiers: disk (the weights cache), host memory (a bounded LRU of recently
+used adapters, so re-activating one does not re-read disk) and the device (what the router activated, by
+index). It also builds, per batch composition, the side-by-side stacks the LoRA layers apply."""
+from __future__ import annotations
+
+import logging
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lorax_server.adapters.config import AdapterError, read_config
+from lorax_server.adapters.merge import merge
+from lorax_server.adapters.sources import fetch_adapter
+from lorax_server.adapters.weights import LoraWeights, load_lora
+from lorax_server.layers.lora import LoraBatch, stack_adapters
+from lorax_server.pb import generate_pb2
+
+logger = logging.getLogger(__name__)
+
+BASE_MODEL_ID = "__base_model__"
+SOURCE_NAMES = {v: k.lower() for k, v in generate_pb2.AdapterSource.items()}
+STRATEGY_NAMES = {v: k.lower() for k, v in generate_pb2.MergeStrategy.items()}
+SIGN_NAMES = {v: k.lower() for k, v in generate_pb2.MajoritySignMethod.items()}
+
+
+@dataclass(frozen=True)
+class AdapterKey:
+    """What identifies an adapter's weights: ids, source, and the merge parameters when several."""
+
+    ids: tuple[str, ...]
+    source: str
+    weights: tuple[float, ...] = ()
+    strategy: str = "linear"
+    density: float = 1.0
+    sign_method: str = "total"
+
+    @classmethod
+    def from_pb(cls, params: generate_pb2.AdapterParameters, source: int) -> "AdapterKey":
+        ids = tuple(params.adapter_ids)
+        if len(ids) <= 1:
+            return cls(ids, SOURCE_NAMES.get(source, "hub"))
+        return cls(
+            ids, SOURCE_NAMES.get(source, "hub"), tuple(params.weights), STRATEGY_NAMES[params.merge_strategy],
+            params.density, SIGN_NAMES[params.majority_sign_method],
+        )
+
+    @property
+    def is_base(self) -> bool:
+        return not self.ids or self.ids == (BASE_MODEL_ID,) or self.ids == ("",)
+
+    def __str__(self) -> str:
+        return "+".join(self.ids)
+
+
+class AdapterRegistry:
+    def __init__(self, model, device: torch.device, host_capacity: int = 64):
+        self.model, self.device, self.dtype = model, device, model.dtype
+        self.shapes = model.lora_shapes()
+        self.host_capacity = host_capacity
+        self.host: OrderedDict[AdapterKey, LoraWeights] = OrderedDict()  # CPU tier, LRU
+        self.active: dict[int, LoraWeights] = {}  # device tier, by router index
+        self._stacks: OrderedDict[tuple[int, ...], dict] = OrderedDict()
+        layer = model.layers[0]
+        self._out_sizes = {
+            "q_proj": layer.q_size, "k_proj": layer.kv_size, "v_proj": layer.kv_size, "o_proj": model.cfg.hidden_size,
+            "gate_proj": layer.inter, "up_proj": layer.inter, "down_proj": model.cfg.hidden_size,
+        }
+        self._in_sizes = {"qkv": model.cfg.hidden_size, "o": layer.q_size, "gate_up": model.cfg.hidden_size, "down": layer.inter}
+
+    # ---- tiers ------------------------------------------------------------------------------------
+    def _read_one(self, adapter_id: str, source: str, api_token: str | None, trusted: bool, scale: float | None = None) -> tuple[LoraWeights, float]:
+        folder = fetch_adapter(adapter_id, source, api_token, trusted)
+        config = read_config(folder, adapter_id)
+        self._check_base(config.base_model_name_or_path, adapter_id)
+        weights = load_lora(folder, adapter_id, config.scale if scale is None else scale, self.shapes, len(self.model.layers))
+        return weights, config.scale
+
+    def _check_base(self, base: str | None, adapter_id: str) -> None:
+        """Refuse an adapter trained on another architecture when its base model's config is available here."""
+        if not base or not os.path.isdir(base):
+            return
+        config = Path(base) / "config.json"
+        if config.exists():
+            import json
+
+            theirs = json.loads(config.read_text()).get("architectures")
+            ours = self.model.cfg.raw.get("architectures")
+            if theirs and ours and theirs != ours:
+                raise AdapterError(f"adapter '{adapter_id}' was trained for {theirs[0]}, but this server runs {ours[0]}")
+
+    def fetch(self, key: AdapterKey, api_token: str | None = None, trusted: bool = False) -> LoraWeights:
+        """The adapter's CPU weights: from the host LRU, else read (and merge) from disk."""
+        if key in self.host:
+            self.host.move_to_end(key)
+            return self.host[key]
+        if len(key.ids) == 1:
+            weights, _ = self._read_one(key.ids[0], key.source, api_token, trusted)
+        else:
+            if BASE_MODEL_ID in key.ids:
+                raise AdapterError("merged adapters cannot include the base model")
+            parts = [self._read_one(i, key.source, api_token, trusted, scale=1.0) for i in key.ids]
+            if key.weights and len(key.weights) != len(key.ids):
+                raise AdapterError("number of adapter IDs must match number of adapter weights")
+            merged = merge([w for w, _ in parts], list(key.weights), key.strategy, key.density, key.sign_method)
+            first_scale = parts[0][1]
+            weights = LoraWeights(merged.rank, {m: (a, b * first_scale) for m, (a, b) in merged.modules.items()})
+        self.host[key] = weights
+        while len(self.host) > self.host_capacity:
+            self.host.popitem(last=False)
+        return weights
+
+    def memory_fraction(self, weights: LoraWeights) -> float:
+        """Share of the adapter memory reservation one adapter takes (the router's budget unit)."""
+        if self.device.type == "cuda":
+            total = torch.cuda.get_device_properties(self.device).total_memory
+        else:
+            total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        reserved = float(os.environ.get("ADAPTER_MEMORY_FRACTION", "0.1")) * total
+        if reserved <= 0:
+            raise AdapterError("Memory reserved for adapters is 0 (ADAPTER_MEMORY_FRACTION)")
+        fraction = weights.nbytes / reserved
+        if fraction > 1:
+            raise AdapterError(f"adapter is larger than the adapter memory reservation ({weights.nbytes} bytes)")
+        return fraction
+
+    def load(self, key: AdapterKey, index: int, api_token: str | None = None, trusted: bool = False) -> None:
+        """Put the adapter on the device under the router's index."""
+        weights = self.fetch(key, api_token, trusted)
+        self.active[index] = weights.to(self.device, self.dtype)
+        self._stacks.clear()
+        logger.info("adapter %s loaded at index %d (rank %d)", key, index, weights.rank)
+
+    def offload(self, index: int) -> bool:
+        """Free the device copy (the host copy stays in the LRU)."""
+        if self.active.pop(index, None) is None:
+            return False
+        self._stacks.clear()
+        return True
+
+    def stats(self) -> dict[str, int]:
+        """Bytes per tier (device, host) for /info and metrics."""
+        return {
+            "device_bytes": sum(w.nbytes for w in self.active.values()),
+            "host_bytes": sum(w.nbytes for w in self.host.values()),
+            "device_adapters": len(self.active),
+            "host_adapters": len(self.host),
+        }
+
+    # ---- per batch -------------------------------------------------------------------------------
+    def lora_batch(self, adapter_indices: torch.Tensor, token_counts: torch.Tensor | None) -> LoraBatch | None:
+        """LoRA inputs for a batch whose requests use `adapter_indices` (one per request; `token_counts`
+        tokens each in prefill, one each in decode). None when no request uses a loaded adapter."""
+        used = set(adapter_indices.tolist())
+        missing = sorted(i for i in used if i != 0 and i not in self.active)
+        if missing:  # never run a request on the base model when it asked for an adapter
+            raise ValueError(f"adapter index {missing[0]} is not loaded on this shard")
+        present = tuple(i for i in sorted(used) if i in self.active)
+        if not present:
+            return None
+        groups = self._stacks.get(present)
+        if groups is None:
+            groups = stack_adapters(
+                [self.active[i] for i in present], self._out_sizes, len(self.model.layers), self._in_sizes,
+                self.dtype, self.device,
+            )
+            self._stacks[present] = groups
+            while len(self._stacks) > 16:
+                self._stacks.popitem(last=False)
+        lut = torch.full((max(adapter_indices.max().item(), max(present)) + 1,), -1, dtype=torch.int64, device=self.device)
+        lut[torch.tensor(present, device=self.device)] = torch.arange(len(present), device=self.device)
+        slots = lut[adapter_indices]
+        if token_counts is not None:
+            slots = slots.repeat_interleave(token_counts)
+        return LoraBatch(groups, slots)
+

@@ -1,0 +1,119 @@
+"""Read a PEFT LoRA checkpoint into per-module stacks [layers, in, r] / [layers, r, out] for this rank.
+
+The scale (alpha/r) is folded into B once at load time, so applying an adapter is two matmuls.
+Shapes are checked against the base model, so an adapter for another model is refused with the reason.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from lorax_server.adapters.config import MODULES, AdapterError
+
+logger = logging.getLogger(__name__)
+
+KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+_proj)\.lora_([AB])\.weight$")
+PICKLE_OPT_IN = "ALLOW_PICKLE_ADAPTERS"
+
+
+@dataclass(frozen=True)
+class ModuleShape:
+    """Full input/output features of a base linear, and this rank's slice of one of them."""
+
+    in_features: int
+    out_features: int
+    split: str  # "out" (column-parallel) or "in" (row-parallel)
+    start: int
+    stop: int
+
+
+@dataclass
+class LoraWeights:
+    """One adapter's weights on some device: module -> (A [L, in, r], scaled B [L, r, out])."""
+
+    rank: int
+    modules: dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.modules.values())
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> "LoraWeights":
+        return LoraWeights(self.rank, {m: (a.to(device, dtype), b.to(device, dtype)) for m, (a, b) in self.modules.items()})
+
+
+def _read_tensors(folder: Path, adapter_id: str) -> dict[str, torch.Tensor]:
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if files:
+        tensors = {}
+        for file in files:
+            try:
+                with safe_open(str(file), framework="pt") as f:
+                    tensors.update({k: f.get_tensor(k) for k in f.keys()})
+            except (SafetensorError, OSError, ValueError) as exc:
+                raise AdapterError(f"adapter '{adapter_id}': corrupt safetensors file {file.name} ({exc})") from exc
+        return tensors
+    bins = sorted(Path(folder).glob("adapter_model*.bin"))
+    if not bins:
+        raise AdapterError(f"adapter '{adapter_id}' has no adapter_model.safetensors")
+    if os.environ.get(PICKLE_OPT_IN) != "1":
+        raise AdapterError(
+            f"adapter '{adapter_id}' only has pickle weights ({bins[0].name}); set {PICKLE_OPT_IN}=1 to allow them"
+        )
+    tensors = {}
+    for file in bins:
+        tensors.update(torch.load(file, map_location="cpu", weights_only=True))
+    return tensors
+
+
+def load_lora(
+    folder: Path, adapter_id: str, scale: float, shapes: dict[str, ModuleShape], num_layers: int
+) -> LoraWeights:
+    """This rank's slice of every module the adapter targets in all layers (CPU, float32), B times `scale`."""
+    found: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
+    unused = []
+    for name, tensor in _read_tensors(folder, adapter_id).items():
+        match = KEY.search(name)
+        if not match or match.group(2) not in MODULES:
+            unused.append(name)
+            continue
+        layer, module, which = int(match.group(1)), match.group(2), match.group(3)
+        if layer >= num_layers:
+            raise AdapterError(f"adapter '{adapter_id}' has weights for layer {layer}; the base model has {num_layers}")
+        found.setdefault((module, which), {})[layer] = tensor
+    if unused:
+        logger.warning("adapter %s: ignoring %d tensors (%s...)", adapter_id, len(unused), unused[0])
+
+    modules = {}
+    for module in MODULES:
+        a_layers, b_layers = found.get((module, "A"), {}), found.get((module, "B"), {})
+        if not a_layers and not b_layers:
+            continue
+        if len(a_layers) < num_layers or len(b_layers) < num_layers:
+            logger.warning("adapter %s: %s is missing in some layers; it is not applied", adapter_id, module)
+            continue
+        shape = shapes[module]
+        a = torch.stack([a_layers[i] for i in range(num_layers)]).float()  # [L, r, in]
+        b = torch.stack([b_layers[i] for i in range(num_layers)]).float()  # [L, out, r]
+        rank = a.shape[1]
+        if a.shape[2] != shape.in_features or b.shape[1] != shape.out_features or b.shape[2] != rank:
+            raise AdapterError(
+                f"adapter '{adapter_id}': {module} LoRA shapes A{list(a.shape[1:])} B{list(b.shape[1:])} do not fit the "
+                f"base model ({shape.in_features} -> {shape.out_features} features)"
+            )
+        a, b = a.transpose(1, 2), b.transpose(1, 2) * scale  # [L, in, r], [L, r, out]
+        if shape.split == "in":
+            a = a[:, shape.start : shape.stop]
+        else:
+            b = b[:, :, shape.start : shape.stop]
+        modules[module] = (a.contiguous(), b.contiguous())
+    if not modules:
+        raise AdapterError(f"adapter '{adapter_id}' has no LoRA weights for {', '.join(MODULES)}")
+    ranks = {a.shape[-1] for a, _ in modules.values()}
+    return LoraWeights(rank=max(ranks), modules=modules)

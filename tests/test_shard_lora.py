@@ -1,0 +1,79 @@
+"""Mixed-adapter batches on the shard equal transformers + peft, token for token."""
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import PeftModel
+
+from lorax_server.adapters.config import AdapterError
+from lorax_server.adapters.registry import AdapterKey
+from lorax_server.dist import Parallel
+from lorax_server.shard import build_service
+from tests.test_shard_exactness import PROMPTS, make_request, run_staggered
+from tests.tiny_models import ARCHS, make_adapter, make_model
+
+ADAPTERS = [  # (r, alpha, targets)
+    (8, 16, ["q_proj", "v_proj"]),
+    (16, 32, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
+    (4, 8, ["gate_proj", "up_proj", "down_proj"]),
+    (32, 8, ["q_proj", "k_proj", "v_proj", "o_proj"]),
+]
+
+
+def reference(base_dir, adapter_dir, tokenizer, prompt, n):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    if adapter_dir is not None:
+        model = PeftModel.from_pretrained(model, adapter_dir)
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    return model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)[0, ids.shape[1]:].tolist()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_mixed_adapters_match_peft(arch, tmp_path, monkeypatch):
+    monkeypatch.setenv("LORAX_LOCAL_ADAPTER_ROOTS", str(tmp_path))
+    base = tmp_path / "base"
+    model = make_model(arch, base)
+    adapter_dirs = [make_adapter(model, tmp_path / f"a{i}", i + 1, r, a, t) for i, (r, a, t) in enumerate(ADAPTERS)]
+    generator = build_service(str(base), None, "hub", None, Parallel(), torch.device("cpu"), "/unused").generator
+    generator.allocate_cache(4096)
+    for i, d in enumerate(adapter_dirs):
+        generator.adapters.load(AdapterKey((str(d),), "local"), i + 1)
+    tok = generator.tokenizer
+    # request j uses adapter j % 5 (0 = base), so every batch mixes base and several ranks/targets
+    requests, expected = [], []
+    for j in range(8):
+        prompt, index = PROMPTS[j % len(PROMPTS)], j % 5
+        req = make_request(tok, j, prompt, 6 + j % 3)
+        req.adapter_index = index
+        requests.append(req)
+        expected.append(reference(base, adapter_dirs[index - 1] if index else None, tok, prompt, 6 + j % 3))
+    ours = run_staggered(generator, requests, join_after=2)
+    for j in range(8):
+        assert ours[j] == expected[j], f"{arch} request {j} (adapter {j % 5})"
+    assert len({tuple(v) for v in ours.values()}) > 4, "adapters must change the output"
+
+
+def test_bad_adapters_are_refused_with_reason(tmp_path, monkeypatch, tiny_model_dir):
+    monkeypatch.setenv("LORAX_LOCAL_ADAPTER_ROOTS", str(tmp_path))
+    folder, _ = tiny_model_dir
+    registry = build_service(str(folder), None, "hub", None, Parallel(), torch.device("cpu"), "/unused").generator.adapters
+    with pytest.raises(AdapterError, match="does not exist"):
+        registry.fetch(AdapterKey((str(tmp_path / "missing"),), "local"))
+    (tmp_path / "notlora").mkdir()
+    (tmp_path / "notlora" / "config.json").write_text("{}")
+    with pytest.raises(AdapterError, match="not a LoRA adapter"):
+        registry.fetch(AdapterKey((str(tmp_path / "notlora"),), "local"))
+    with pytest.raises(AdapterError, match="outside the allowed roots"):
+        registry.fetch(AdapterKey(("/etc",), "local"))
+    other = make_model("llama", tmp_path / "big", hidden_size=32, num_attention_heads=2, num_key_value_heads=1)
+    wrong = make_adapter(other, tmp_path / "wrong", 1, 4, 8, ["q_proj"])
+    with pytest.raises(AdapterError, match="do not fit the base model"):
+        registry.fetch(AdapterKey((str(wrong),), "local"))
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "adapter_config.json").write_text((wrong / "adapter_config.json").read_text())
+    (corrupt / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(AdapterError, match="corrupt"):
+        registry.fetch(AdapterKey((str(corrupt),), "local"))
