@@ -58,7 +58,7 @@ class GenerateParameters(_Lenient):
     do_sample: bool = False
     max_new_tokens: int | None = Field(default=None, ge=0, lt=U32)
     ignore_eos_token: bool = False
-    return_full_text: bool | None = None
+    return_full_text: bool = False
     stop: list[str] = Field(default_factory=list)
     truncate: int | None = Field(default=None, ge=0)
     watermark: bool = False

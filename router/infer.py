@@ -1,0 +1,129 @@
+"""One request's life between the HTTP handler and the batching loop: permit, validation, queue, results.
+
+Handlers hold a concurrency permit for as long as they answer (429 when none is free, without waiting). Leaving a
+handler early (client gone, task cancelled) marks its entries cancelled, so the loop drops them at the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+from router.errors import OverloadedError
+from router.queue import EndEvent, Entry, ErrorEvent, Event, PrefillEvent, TokenEvent
+from router.schemas import GenerateParameters, PrefillToken, Token
+from router.validation import ValidRequest, Validator
+
+
+class ConcurrencyLimit:
+    """A non-blocking semaphore: requests beyond the limit are refused at once, never queued."""
+
+    def __init__(self, limit: int) -> None:
+        self._free = limit
+
+    def acquire(self, permits: int = 1) -> None:
+        if permits > self._free:
+            raise OverloadedError()
+        self._free -= permits
+
+    def release(self, permits: int = 1) -> None:
+        self._free += permits
+
+
+@dataclass
+class GenerationResult:
+    request: ValidRequest
+    end: EndEvent
+    tokens: list[Token]
+    prefill: list[PrefillToken]
+    queued_at: float
+    batched_at: float
+    finished_at: float = field(default_factory=time.monotonic)
+
+    @property
+    def mean_logprob(self) -> float:
+        values = [t.logprob for t in self.tokens if t.logprob is not None]
+        return math.fsum(values) / len(values) if values else -math.inf
+
+
+class Infer:
+    def __init__(
+        self, validator: Validator, append: Callable[[ValidRequest], Entry], max_concurrent_requests: int
+    ) -> None:
+        self.validator = validator
+        self.limit = ConcurrencyLimit(max_concurrent_requests)
+        self._append = append
+
+    async def validate(self, inputs: str, params: GenerateParameters, api_token: str | None) -> ValidRequest:
+        return await self.validator.validate(inputs, params, api_token=api_token)
+
+    def submit(self, request: ValidRequest) -> Entry:
+        return self._append(request)
+
+    async def generate(self, request: ValidRequest) -> list[GenerationResult]:
+        """All results, best first: `best_of` seeded copies run concurrently and the highest mean logprob wins.
+
+        The caller holds one permit; the extra copies take their own (429 if they are not free).
+        """
+        if request.best_of <= 1:
+            return [await collect(self.submit(request))]
+        extra = request.best_of - 1
+        self.limit.acquire(extra)
+        try:
+            copies = [request.with_seed(random.getrandbits(64)) for _ in range(request.best_of)]
+            tasks = [asyncio.ensure_future(collect(self.submit(copy))) for copy in copies]
+            try:
+                results = await asyncio.gather(*tasks)
+            finally:  # one failed copy fails the request: stop the others
+                for task in tasks:
+                    task.cancel()
+        finally:
+            self.limit.release(extra)
+        return sorted(results, key=lambda r: r.mean_logprob, reverse=True)
+
+
+async def collect(entry: Entry) -> GenerationResult:
+    """Wait for an entry's End; raises its error. Cancelling the wait cancels the entry."""
+    tokens: list[Token] = []
+    prefill: list[PrefillToken] = []
+    try:
+        while True:
+            event = await entry.events.get()
+            if isinstance(event, PrefillEvent):
+                prefill = event.tokens
+            elif isinstance(event, TokenEvent):
+                tokens.append(event.token)
+            elif isinstance(event, EndEvent):
+                tokens.append(event.token)
+                return GenerationResult(
+                    request=entry.request,
+                    end=event,
+                    tokens=tokens,
+                    prefill=prefill,
+                    queued_at=entry.queued_at,
+                    batched_at=entry.batched_at or entry.queued_at,
+                )
+            else:
+                raise event.error
+    finally:
+        entry.cancelled = True
+
+
+async def stream(entry: Entry, keepalive_s: float) -> AsyncIterator[Event | None]:
+    """An entry's events up to the final one; `None` after `keepalive_s` without any (time for a keep-alive)."""
+    try:
+        while True:
+            try:
+                event = await asyncio.wait_for(entry.events.get(), keepalive_s)
+            except TimeoutError:
+                yield None
+                continue
+            yield event
+            if isinstance(event, (EndEvent, ErrorEvent)):
+                return
+    finally:
+        entry.cancelled = True
