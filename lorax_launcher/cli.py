@@ -219,7 +219,7 @@ def main(ctx: click.Context, **options: Any) -> None:
     except ConfigError as err:
         click.echo(f"Error: {err.variant}: {err}", err=True)
         ctx.exit(1)
-    log.info("Args %s", redacted(options))
+    log.info("Args %s", redacted({p.name: options[p.name] for p in ctx.command.params if p.name in options}))
     ctx.exit(launch(config))
 
 

@@ -85,14 +85,19 @@ def router_command(cfg: LauncherConfig, tokenizer_name: str) -> list[str]:
     return cmd
 
 
-def _hf_token(environ: Mapping[str, str]) -> dict[str, str]:
+def _common(environ: Mapping[str, str]) -> dict[str, str]:
+    """Every child: the inherited environment, unbuffered output (its log lines show up as they happen) and
+    the hub token."""
+    env = {**environ, "PYTHONUNBUFFERED": "1"}
     token = environ.get("HF_API_TOKEN")
-    return {"HUGGING_FACE_HUB_TOKEN": token} if token else {}
+    if token:
+        env["HUGGING_FACE_HUB_TOKEN"] = token
+    return env
 
 
 def download_env(cfg: LauncherConfig, environ: Mapping[str, str]) -> dict[str, str]:
-    """The inherited environment plus where the weights go and how to authenticate."""
-    env = {**environ, "HF_HUB_DISABLE_PROGRESS_BARS": "1", **_hf_token(environ)}
+    """The common environment plus where the weights go."""
+    env = {**_common(environ), "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
     if cfg.huggingface_hub_cache:
         env["HUGGINGFACE_HUB_CACHE"] = cfg.huggingface_hub_cache
     if cfg.weights_cache_override:
@@ -116,5 +121,5 @@ def shard_env(cfg: LauncherConfig, rank: int, environ: Mapping[str, str]) -> dic
 
 
 def router_env(environ: Mapping[str, str]) -> dict[str, str]:
-    """The inherited environment plus the hub token (the router may fetch tokenizer files)."""
-    return {**environ, **_hf_token(environ)}
+    """The common environment (the router may fetch tokenizer files from the hub)."""
+    return _common(environ)

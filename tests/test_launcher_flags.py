@@ -295,11 +295,12 @@ def test_flag_reaches_the_child(args: list[str], target: str, fragment: Any, lau
         assert contains(produced, fragment), produced
 
 
-def test_hf_api_token_becomes_the_hub_token_of_every_child(launched: list[LauncherConfig]) -> None:
+def test_every_child_inherits_the_environment_and_gets_the_hub_token(launched: list[LauncherConfig]) -> None:
     produced = commands_of(parse(launched, []), {"HF_API_TOKEN": "hf_x", "KEEP": "me"})
     for name in ("download_env", "shard_env", "router_env"):
         assert produced[name]["HUGGING_FACE_HUB_TOKEN"] == "hf_x"
         assert produced[name]["KEEP"] == "me"  # children inherit the launcher's environment
+        assert produced[name]["PYTHONUNBUFFERED"] == "1"  # their log lines are forwarded as they happen
 
 
 def test_default_command_lines(launched: list[LauncherConfig]) -> None:
