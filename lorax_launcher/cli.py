@@ -209,8 +209,9 @@ def _to_bool(_ctx: click.Context, _param: click.Parameter, value: str | None) ->
 def main(ctx: click.Context, **options: Any) -> None:
     """Validate every flag up front, then supervise the download, the shards and the router."""
     setup_logging(options["json_output"])
+    options = {p.name: options[p.name] for p in ctx.command.params if p.name in options}  # --help order
     if options.pop("env"):
-        print(runtime_report(redacted(options)), flush=True)
+        log.info("Runtime environment:\n%s", runtime_report(redacted(options)))
     for name in DERIVED_WHEN_DEFAULT:
         if ctx.get_parameter_source(name) is ParameterSource.DEFAULT:
             options[name] = None
@@ -219,7 +220,7 @@ def main(ctx: click.Context, **options: Any) -> None:
     except ConfigError as err:
         click.echo(f"Error: {err.variant}: {err}", err=True)
         ctx.exit(1)
-    log.info("Args %s", redacted({p.name: options[p.name] for p in ctx.command.params if p.name in options}))
+    log.info("Args %s", redacted(options))
     ctx.exit(launch(config))
 
 
