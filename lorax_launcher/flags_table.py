@@ -23,7 +23,8 @@ def flags(command: click.Command = main) -> Iterator[Flag]:
     for param in command.params:
         if not isinstance(param, click.Option):
             continue
-        default = "" if param.default is None or param.is_flag else str(param.default)
+        value = param.get_default(click.Context(command), call=False)
+        default = "" if value is None or param.is_flag or not isinstance(value, (str, int, float)) else str(value)
         yield Flag(", ".join(param.opts), param.envvar or "", default, " ".join((param.help or "").split()))
 
 
