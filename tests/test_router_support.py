@@ -24,6 +24,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from lorax_server.pb import generate_pb2, generate_pb2_grpc
 from router.main import Router, build_router, parse_args
 from router.shards import ShardedClient
+from router.validation import BASE_MODEL_ID, AdapterSpec, ValidRequest
 
 BLOCK = 16
 
@@ -43,6 +44,21 @@ def word_tokenizer() -> Tokenizer:
 
 def words(n: int, start: int = 0) -> str:
     return " ".join(f"w{start + i}" for i in range(n))
+
+
+def make_request(input_length: int, max_new_tokens: int, adapter: str = BASE_MODEL_ID) -> ValidRequest:
+    """A validated request without going through validation (for scheduling tests)."""
+    return ValidRequest(
+        inputs=words(input_length),
+        input_ids=tuple(range(1, input_length + 1)),
+        parameters=generate_pb2.NextTokenChooserParameters(temperature=1.0, top_p=1.0, typical_p=1.0),
+        stopping=generate_pb2.StoppingCriteriaParameters(max_new_tokens=max_new_tokens),
+        adapter=AdapterSpec(ids=(adapter,)),
+        details=False,
+        decoder_input_details=False,
+        return_full_text=False,
+        best_of=1,
+    )
 
 
 @dataclass
@@ -89,6 +105,8 @@ class FakeShard(generate_pb2_grpc.LoraxServiceServicer):
         self.filter_calls: list[tuple[int, list[int]]] = []
         self.cleared: list[int | None] = []
         self.warmup_requests: list[generate_pb2.WarmupRequest] = []
+        self.log: list[tuple[str, list[int]]] = []  # ("prefill", request ids) / ("decode", batch ids)
+        self.peak_reserved = 0
 
     @property
     def reserved(self) -> int:
@@ -173,6 +191,8 @@ class FakeShard(generate_pb2_grpc.LoraxServiceServicer):
         if self.reserved + sum(reserved) > self.capacity:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "out of KV blocks")
         batch = _Batch(request.batch.id, {r.id: _Req(r, n) for r, n in zip(requests, reserved)})
+        self.log.append(("prefill", [r.id for r in requests]))
+        self.peak_reserved = max(self.peak_reserved, self.reserved + sum(reserved))
         generations = self._step(batch, first=True)
         response = generate_pb2.PrefillResponse(generations=generations)
         if all(r.finished for r in batch.requests.values()):
@@ -185,6 +205,7 @@ class FakeShard(generate_pb2_grpc.LoraxServiceServicer):
         await asyncio.sleep(self.step_delay)
         ids = [b.id for b in request.batches]
         self.decode_calls.append(ids)
+        self.log.append(("decode", ids))
         missing = [i for i in ids if i not in self.batches]
         if missing:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"batch {missing[0]} not found")
