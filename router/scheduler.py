@@ -4,7 +4,8 @@ Differences from the reference, on purpose: every adapter's RPCs run in that ada
 or failing download never delays another adapter; an adapter still downloading does not block the pending adapters
 behind it; and a failed adapter's waiting requests are failed at once (424 with the shard's message), not at the next
 scheduling pass. RPCs of one adapter stay serialized by its lock, and a load/offload task always drives the shard
-towards the adapter's *current* wanted state, so quick activate/deactivate flips cannot reorder them.
+towards the adapter's *current* wanted state, so quick activate/deactivate flips cannot reorder them. A load waits
+for the offloads decided before it, so the shards never hold more than `max_active_adapters` at once.
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ class Scheduler:
         self._active: deque[Adapter] = deque()
         self._budget = 1.0
         self._tasks: set[asyncio.Task] = set()
+        self._offloads: set[asyncio.Task] = set()  # loads wait for these, so the shards never exceed the limit
         self._next_id = 0
 
     # ---- requests -------------------------------------------------------------------------------------------------
@@ -172,7 +174,7 @@ class Scheduler:
             adapter.loaded = True
             adapter.status = AdapterStatus.READY
         else:
-            self._spawn(self._sync(adapter))
+            self._spawn(self._sync(adapter, after=tuple(self._offloads)))
 
     def _deactivate(self, adapter: Adapter) -> None:
         self._active.remove(adapter)
@@ -180,14 +182,17 @@ class Scheduler:
         adapter.status = AdapterStatus.DOWNLOADED
         self._budget += adapter.cost or 0.0
         if not adapter.spec.is_base:
-            self._spawn(self._sync(adapter))
+            offload = self._spawn(self._sync(adapter))
+            self._offloads.add(offload)
+            offload.add_done_callback(self._offloads.discard)
 
     # ---- adapter RPCs ---------------------------------------------------------------------------------------------
 
-    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     def _start_download(self, adapter: Adapter) -> None:
         if adapter.spec.is_base:
@@ -210,8 +215,13 @@ class Scheduler:
             adapter.status = AdapterStatus.DOWNLOADED
             self._on_change()
 
-    async def _sync(self, adapter: Adapter) -> None:
-        """Load or offload until the shards match whether the adapter is wanted active right now."""
+    async def _sync(self, adapter: Adapter, after: tuple[asyncio.Task, ...] = ()) -> None:
+        """Load or offload until the shards match whether the adapter is wanted active right now.
+
+        A load first waits for the offloads decided before it (`after`): they free the memory it is counted in.
+        """
+        if after:
+            await asyncio.wait(after)
         try:
             async with adapter.lock:
                 while self._current(adapter) and adapter.active != adapter.loaded:
