@@ -1,0 +1,92 @@
+"""Adapter sources against real protocols: S3 via a local S3-compatible server, the hub via its cache layout."""
+from __future__ import annotations
+
+import shutil
+
+import boto3
+import pytest
+import torch
+
+from lorax_server.adapters.config import AdapterError
+from lorax_server.adapters.registry import AdapterKey
+from lorax_server.dist import Parallel
+from lorax_server.shard import build_service
+from tests.e2e import free_port
+from tests.tiny_models import make_adapter
+
+
+@pytest.fixture()
+def registry(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("HUGGINGFACE_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("LORAX_LOCAL_ADAPTER_ROOTS", str(tmp_path))
+    folder, model = tiny_model_dir
+    service = build_service(str(folder), None, "hub", None, Parallel(), torch.device("cpu"), "/unused")
+    adapter = make_adapter(model, tmp_path / "adapter", 5, 8, 16, ["q_proj", "v_proj"])
+    return service.generator.adapters, adapter
+
+
+def same_weights(a, b) -> bool:
+    return a.modules.keys() == b.modules.keys() and all(
+        torch.equal(a.modules[m][0], b.modules[m][0]) and torch.equal(a.modules[m][1], b.modules[m][1]) for m in a.modules
+    )
+
+
+def test_s3_adapter_from_local_s3_server(registry, monkeypatch):
+    from moto.server import ThreadedMotoServer
+
+    registry, adapter = registry
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    try:
+        for var, value in {"S3_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
+                           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+            monkeypatch.setenv(var, value)
+        s3 = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}")
+        s3.create_bucket(Bucket="adapters")
+        for file in adapter.iterdir():
+            s3.upload_file(str(file), "adapters", f"team/my-lora/{file.name}")
+        from_s3 = registry.fetch(AdapterKey(("s3://adapters/team/my-lora",), "s3"))
+        from_disk = registry.fetch(AdapterKey((str(adapter),), "local"))
+        assert same_weights(from_s3, from_disk)
+        with pytest.raises(AdapterError, match="no objects"):
+            registry.fetch(AdapterKey(("s3://adapters/team/missing",), "s3"))
+    finally:
+        server.stop()
+
+
+def test_hub_adapter_served_offline_from_cache_layout(registry, monkeypatch, tmp_path):
+    registry, adapter = registry
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    snapshot = tmp_path / "cache" / "models--org--my-lora" / "snapshots" / ("a" * 40)
+    shutil.copytree(adapter, snapshot)
+    refs = tmp_path / "cache" / "models--org--my-lora" / "refs"
+    refs.mkdir()
+    (refs / "main").write_text("a" * 40)
+    from_hub = registry.fetch(AdapterKey(("org/my-lora",), "hub"))
+    assert same_weights(from_hub, registry.fetch(AdapterKey((str(adapter),), "local")))
+    with pytest.raises(AdapterError, match="could not be fetched from the hub"):
+        registry.fetch(AdapterKey(("org/not-cached",), "hub"))
+
+
+def test_linear_merge_equals_adapter_with_merged_tensors(registry, tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    registry, first = registry
+    _, model = tiny_model_dir
+    second = make_adapter(model, tmp_path / "second", 6, 8, 16, ["q_proj", "v_proj"])
+    a, b = load_file(first / "adapter_model.safetensors"), load_file(second / "adapter_model.safetensors")
+    merged_dir = tmp_path / "merged"
+    merged_dir.mkdir()
+    shutil.copy(first / "adapter_config.json", merged_dir)
+    save_file({k: 0.7 * a[k] + 0.3 * b[k] for k in a}, str(merged_dir / "adapter_model.safetensors"))
+    key = AdapterKey((str(first), str(second)), "local", (0.7, 0.3), "linear", 1.0, "total")
+    merged = registry.fetch(key)
+    expected = registry.fetch(AdapterKey((str(merged_dir),), "local"))
+    for m in expected.modules:
+        assert torch.allclose(merged.modules[m][0], expected.modules[m][0], atol=1e-6)
+        assert torch.allclose(merged.modules[m][1], expected.modules[m][1], atol=1e-6)
+    with pytest.raises(AdapterError, match="unknown merge strategy"):
+        registry.fetch(AdapterKey((str(first), str(second)), "local", (), "average", 1.0, "total"))
+    with pytest.raises(AdapterError, match="density"):
+        registry.fetch(AdapterKey((str(first), str(second)), "local", (), "ties", 0.0, "total"))
