@@ -152,6 +152,12 @@ class FakeShard(generate_pb2_grpc.LoraxServiceServicer):
                     ids=[tid], logprobs=[-0.1 * (tid % 7)], texts=[f"<{tid}>"], is_special=[False]
                 ),
             )
+            k = r.pb.parameters.return_k_alternatives
+            if k:
+                alternatives = list(range(tid, tid + k))
+                g.next_tokens.alternative_tokens.add(
+                    ids=alternatives, logprobs=[-1.0] * k, texts=[f"<{a}>" for a in alternatives]
+                )
             if first and r.pb.prefill_logprobs:
                 g.prefill_tokens.CopyFrom(
                     generate_pb2.NextTokens(
