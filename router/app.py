@@ -1,13 +1,14 @@
 """FastAPI routes (spec 3.2-3.5, 3.8, 3.9): native generate, streaming, the lorax-client compat route, health, info.
 
-Every error body has the reference shape `{"error": ..., "error_type": ...}`, including malformed bodies (400) and
-bodies of the wrong shape (422). Streams always answer 200 and report errors as an SSE event of that shape.
+Every error body has the reference shape `{"error": ..., "error_type": ...}`, including a missing JSON content type
+(415), malformed bodies (400), bodies of the wrong shape (422) and unexpected failures (500). Streams always answer 200 and report errors as an SSE event of that shape.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -26,6 +27,8 @@ from router.queue import EndEvent, ErrorEvent, TokenEvent
 from router.schemas import CompatGenerateRequest, GenerateRequest, Info
 
 T = TypeVar("T")
+
+logger = logging.getLogger(__name__)
 
 KEEPALIVE_S = 15.0
 CLIENT_CLOSED_REQUEST = 499
@@ -94,8 +97,16 @@ def create_app(infer: Infer, health_check: Callable[[], Awaitable[None]], config
     async def infer_error(_: Request, error: InferError) -> Response:
         return JSONResponse(error.body(), status_code=error.status_code)
 
+    @app.exception_handler(Exception)
+    async def unexpected_error(_: Request, error: Exception) -> Response:
+        logger.exception("unexpected error", exc_info=error)
+        return JSONResponse({"error": "Internal server error", "error_type": "internal"}, status_code=500)
+
     @app.exception_handler(RequestValidationError)
-    async def body_error(_: Request, error: RequestValidationError) -> Response:
+    async def body_error(request: Request, error: RequestValidationError) -> Response:
+        if "json" not in request.headers.get("content-type", ""):
+            message = "Expected request with `Content-Type: application/json`"
+            return JSONResponse({"error": message, "error_type": "unsupported_media_type"}, status_code=415)
         problems = error.errors()
         if any(problem.get("type") == "json_invalid" for problem in problems):
             message = "Failed to parse the request body as JSON"

@@ -205,7 +205,6 @@ class BatchingLoop:
         self.client = client
         self.scheduler = scheduler
         self.config = config
-        self.healthy = True  # did the last Prefill/Decode succeed
         self._wakeup = asyncio.Event()
         self._batch_ids = itertools.count()
 
@@ -278,7 +277,6 @@ class BatchingLoop:
         self, running: _Running, generations: list[generate_pb2.Generation], cached: generate_pb2.CachedBatch | None
     ) -> _Running | None:
         """Deliver a step's tokens, then shrink the shard batch to the entries that still need it."""
-        self.healthy = True
         entries = running.entries
         for generation in generations:
             entry = entries.get(generation.request_id)
@@ -300,7 +298,6 @@ class BatchingLoop:
 
     async def _fail(self, running: _Running, batch_ids: list[int], error: Exception) -> None:
         logger.error("batch %s failed: %s", batch_ids, error)
-        self.healthy = False
         failure = GenerationError(str(error))
         for entry in running.entries.values():
             entry.fail(failure)

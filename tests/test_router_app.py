@@ -159,6 +159,8 @@ def test_malformed_bodies_are_4xx_json():
     async def scenario():
         async with router_stack(*LIMITS) as stack:
             for path in ("/generate", "/generate_stream", "/"):
+                untyped = await stack.http.post(path, content=b'{"inputs": "w1"}')
+                assert untyped.status_code == 415 and untyped.json()["error_type"] == "unsupported_media_type"
                 broken = await stack.http.post(path, content=b"{not json", headers={"content-type": "application/json"})
                 assert broken.status_code == 400 and broken.json()["error_type"] == "bad_request"
                 for body in ({}, {"inputs": 3}, {"inputs": "x", "parameters": {"max_new_tokens": "lots"}},

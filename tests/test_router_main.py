@@ -147,7 +147,7 @@ def shards_in_thread(**options):
 
     async def serve():
         async with fake_shards(**options) as (shards, master):
-            started.append(master)
+            started.append((shards[0], master))
             ready.set()
             await stop.wait()
 
@@ -167,9 +167,18 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def leave_early(port: int, body: dict, after_s: float) -> None:
+    """Send a request and hang up before the answer."""
+    payload = json.dumps(body).encode()
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(b"POST /generate HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                     b"content-length: %d\r\n\r\n%s" % (len(payload), payload))
+        time.sleep(after_s)
+
+
 def test_process_serves_and_finishes_streams_on_sigterm(tokenizer_dir):
     port = free_port()
-    with shards_in_thread(step_delay=0.05) as master:
+    with shards_in_thread(step_delay=0.05) as (shard, master):
         process = subprocess.Popen(
             [sys.executable, "-m", "router.main", "--tokenizer-name", str(tokenizer_dir), "--master-shard-uds-path",
              master, "--hostname", "127.0.0.1", "--port", str(port), "--max-input-length", "10",
@@ -187,6 +196,12 @@ def test_process_serves_and_finishes_streams_on_sigterm(tokenizer_dir):
                     pass
                 assert process.poll() is None and time.monotonic() < deadline, "router did not come up"
                 time.sleep(0.2)
+
+            # A client that hangs up leaves the batch at the next step instead of generating all 40 tokens.
+            leave_early(port, {"inputs": words(2), "parameters": {"max_new_tokens": 40}}, after_s=0.3)
+            time.sleep(0.3)
+            assert shard.cleared[-1] == 0 and len(shard.decode_calls) < 20
+
             body = {"inputs": words(3), "parameters": {"max_new_tokens": 20}}
             with httpx.stream("POST", f"{base}/generate_stream", json=body, timeout=30) as reply:
                 lines = reply.iter_lines()
