@@ -1,12 +1,14 @@
 """FastAPI routes (spec 3.2-3.5, 3.8, 3.9): native generate, streaming, the lorax-client compat route, health, info.
 
 Every error body has the reference shape `{"error": ..., "error_type": ...}`, including a missing JSON content type
-(415), malformed bodies (400), bodies of the wrong shape (422) and unexpected failures (500). Streams always answer 200 and report errors as an SSE event of that shape.
+(415), malformed bodies (400), bodies of the wrong shape (422) and unexpected failures (500). Streams always answer
+200 and report errors as an SSE event of that shape.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -41,12 +43,12 @@ class AppConfig:
     cors_allow_origins: tuple[str, ...] = ()
 
 
-def _json(model: BaseModel | list[BaseModel], status_code: int = 200, headers: dict[str, str] | None = None) -> Response:
+def _json(model: BaseModel | list[BaseModel], headers: dict[str, str] | None = None) -> Response:
     if isinstance(model, list):
         body = b"[" + b",".join(m.model_dump_json().encode() for m in model) + b"]"
     else:
         body = model.model_dump_json().encode()
-    return Response(body, status_code=status_code, media_type="application/json", headers=headers)
+    return Response(body, media_type="application/json", headers=headers)
 
 
 def _sse(model: BaseModel | dict[str, str]) -> bytes:
@@ -85,13 +87,12 @@ def create_app(infer: Infer, health_check: Callable[[], Awaitable[None]], config
     app = FastAPI(title="LoRAX", version="0.5.0")
     model_id = config.info.model_id
     source = config.default_adapter_source
-    if config.cors_allow_origins:
-        app.add_middleware(
-            CORSMiddleware,
-            allow_origins=list(config.cors_allow_origins),
-            allow_methods=["GET", "POST"],
-            allow_headers=["content-type"],
-        )
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=list(config.cors_allow_origins) or ["*"],
+        allow_methods=["GET", "POST"],
+        allow_headers=["content-type"],
+    )
 
     @app.exception_handler(InferError)
     async def infer_error(_: Request, error: InferError) -> Response:
@@ -147,15 +148,16 @@ def create_app(infer: Infer, health_check: Callable[[], Awaitable[None]], config
             if params.decoder_input_details:
                 raise ValidationError("`decoder_input_details` == true is not supported when streaming tokens")
             valid = await infer.validate(body.inputs, params, _bearer_token(request))
-            async for event in stream(infer.submit(valid), KEEPALIVE_S):
-                if event is None:
-                    yield b":\n\n"
-                elif isinstance(event, TokenEvent):
-                    yield _sse(responses.stream_token(event.token))
-                elif isinstance(event, EndEvent):
-                    yield _sse(responses.stream_end(valid, event))
-                elif isinstance(event, ErrorEvent):
-                    raise event.error
+            async with contextlib.aclosing(stream(infer.submit(valid), KEEPALIVE_S)) as events:
+                async for event in events:
+                    if event is None:
+                        yield b":\n\n"
+                    elif isinstance(event, TokenEvent):
+                        yield _sse(responses.stream_token(event.token))
+                    elif isinstance(event, EndEvent):
+                        yield _sse(responses.stream_end(valid, event))
+                    elif isinstance(event, ErrorEvent):
+                        raise event.error
         except InferError as error:
             yield _sse(error.body())
         finally:

@@ -265,6 +265,8 @@ def test_health_and_info():
             assert (info["max_input_length"], info["max_total_tokens"], info["max_best_of"]) == (10, 20, 2)
             assert info["max_concurrent_requests"] == 1024 and info["waiting_served_ratio"] == 0.3
             assert info["version"] == "0.1.0" and info["validation_workers"] == 2
+            cors = await stack.http.get("/info", headers={"origin": "http://elsewhere.example"})
+            assert cors.headers["access-control-allow-origin"] == "*"
 
     run(scenario())
 

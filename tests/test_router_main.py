@@ -201,6 +201,12 @@ def test_process_serves_and_finishes_streams_on_sigterm(tokenizer_dir):
             leave_early(port, {"inputs": words(2), "parameters": {"max_new_tokens": 40}}, after_s=0.3)
             time.sleep(0.3)
             assert shard.cleared[-1] == 0 and len(shard.decode_calls) < 20
+            decodes = len(shard.decode_calls)
+            body = {"inputs": words(2), "parameters": {"max_new_tokens": 40}}
+            with httpx.stream("POST", f"{base}/generate_stream", json=body, timeout=30) as reply:
+                next(line for line in reply.iter_lines() if line)
+            time.sleep(0.3)
+            assert shard.cleared[-1] == 1 and len(shard.decode_calls) - decodes < 20
 
             body = {"inputs": words(3), "parameters": {"max_new_tokens": 20}}
             with httpx.stream("POST", f"{base}/generate_stream", json=body, timeout=30) as reply:
