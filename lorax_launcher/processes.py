@@ -6,6 +6,7 @@ the children in order) and stopping a child also stops anything it started: no o
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -37,6 +38,14 @@ class LauncherError(Exception):
         self.stderr = stderr
 
 
+def resolve_executable(name: str, env: Mapping[str, str]) -> str:
+    """`name` from the child's PATH, else the console script installed beside this Python (so a launcher run
+    as .venv/bin/lorax-launcher finds its siblings without an activated venv)."""
+    found = shutil.which(name, path=env.get("PATH"))
+    beside = Path(sys.executable).parent / name
+    return found or (str(beside) if beside.exists() else name)
+
+
 class Child:
     """One child process in its own process group, its stdout and stderr forwarded line by line."""
 
@@ -44,7 +53,8 @@ class Child:
         self.name = name
         self.json_output = json_output
         self.stderr_tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
-        self.proc = subprocess.Popen(list(argv), env=dict(env), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        argv = [resolve_executable(argv[0], env), *argv[1:]]
+        self.proc = subprocess.Popen(argv, env=dict(env), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, start_new_session=True, text=True, errors="replace")
         self._readers = [threading.Thread(target=self._forward, args=(stream, keep), daemon=True)
                          for stream, keep in ((self.proc.stdout, False), (self.proc.stderr, True))]
