@@ -38,3 +38,33 @@ def test_uneven_split_is_a_clear_startup_error(tmp_path):
                         "--max-total-tokens", "64")
     assert launcher.proc.wait(120) == 1
     assert "not divisible by the number of shards (3)" in launcher.output()
+
+
+def test_killing_one_shard_stops_everything(tmp_path):
+    import os
+    import signal
+    import time
+
+    from tests.e2e import descendants
+
+    make_model("llama", tmp_path / "base")
+    launcher = Launcher(str(tmp_path / "base"), tmp_path, "--num-shard", "2", "--max-input-length", "32",
+                        "--max-total-tokens", "64").wait_ready()
+    children = descendants(launcher.proc.pid)
+    shards = [p for p in children if b"serve" in open(f"/proc/{p}/cmdline", "rb").read()]
+    assert len(shards) >= 2
+    os.kill(shards[-1], signal.SIGKILL)
+    assert launcher.proc.wait(10) != 0, launcher.output()
+    time.sleep(0.5)
+    alive = [p for p in children if os.path.exists(f"/proc/{p}") and "zombie" not in open(f"/proc/{p}/status").read().lower()]
+    assert alive == [], launcher.output()
+
+
+@pytest.mark.gpu
+def test_two_shards_on_cuda_match_transformers(tmp_path):
+    """The same exactness check over nccl where two GPUs exist."""
+    import torch
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    test_two_shards_match_transformers_and_peft("llama", tmp_path)
