@@ -1,4 +1,4 @@
-"""FastAPI routes (spec 3.2-3.5, 3.8, 3.9): native generate, streaming, the lorax-client compat route, health, info.
+"""FastAPI routes (spec 3.2-3.5, 3.8, 3.9): generate, streaming, the lorax-client compat route, health, info, metrics.
 
 Every error body has the reference shape `{"error": ..., "error_type": ...}`, including a missing JSON content type
 (415), malformed bodies (400), bodies of the wrong shape (422) and unexpected failures (500). Streams always answer
@@ -19,12 +19,13 @@ from typing import TypeVar
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel
 
 from router import responses
 from router.errors import InferError, UnhealthyError, ValidationError
 from router.infer import Infer, stream
+from router.metrics import Metrics
 from router.queue import EndEvent, ErrorEvent, TokenEvent
 from router.schemas import CompatGenerateRequest, GenerateRequest, Info
 
@@ -83,7 +84,9 @@ async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T | None
     return task.result() if task.done() else None
 
 
-def create_app(infer: Infer, health_check: Callable[[], Awaitable[None]], config: AppConfig) -> FastAPI:
+def create_app(
+    infer: Infer, health_check: Callable[[], Awaitable[None]], config: AppConfig, metrics: Metrics
+) -> FastAPI:
     app = FastAPI(title="LoRAX", version="0.5.0")
     model_id = config.info.model_id
     source = config.default_adapter_source
@@ -120,15 +123,22 @@ def create_app(infer: Infer, health_check: Callable[[], Awaitable[None]], config
 
     async def generate(body: GenerateRequest, request: Request, as_list: bool) -> Response:
         started_at = time.monotonic()
-        infer.limit.acquire()
+        metrics.inc("request_count")
         try:
-            valid = await infer.validate(body.inputs, body.parameters, _bearer_token(request))
-            validated_at = time.monotonic()
-            results = await _unless_disconnected(request, infer.generate(valid))
-        finally:
-            infer.limit.release()
+            infer.limit.acquire()
+            try:
+                valid = await infer.validate(body.inputs, body.parameters, _bearer_token(request))
+                validated_at = time.monotonic()
+                results = await _unless_disconnected(request, infer.generate(valid))
+            finally:
+                infer.limit.release()
+        except InferError as error:
+            metrics.failure(error.error_type)
+            raise
         if results is None:
+            metrics.inc("request_failure", err="dropped")
             return Response(status_code=CLIENT_CLOSED_REQUEST)
+        metrics.inc("request_success")
         response = responses.generate_response(valid, results)
         headers = responses.generate_headers(
             model_id, body.parameters, source, valid, results, started_at, validated_at
@@ -136,9 +146,11 @@ def create_app(infer: Infer, health_check: Callable[[], Awaitable[None]], config
         return _json([response] if as_list else response, headers=headers)
 
     async def stream_events(body: GenerateRequest, request: Request) -> AsyncIterator[bytes]:
+        metrics.inc("request_count")
         try:
             infer.limit.acquire()
         except InferError as error:
+            metrics.failure(error.error_type)
             yield _sse(error.body())
             return
         try:
@@ -155,10 +167,12 @@ def create_app(infer: Infer, health_check: Callable[[], Awaitable[None]], config
                     elif isinstance(event, TokenEvent):
                         yield _sse(responses.stream_token(event.token))
                     elif isinstance(event, EndEvent):
+                        metrics.inc("request_success")
                         yield _sse(responses.stream_end(valid, event))
                     elif isinstance(event, ErrorEvent):
                         raise event.error
         except InferError as error:
+            metrics.failure(error.error_type)
             yield _sse(error.body())
         finally:
             infer.limit.release()
@@ -196,5 +210,12 @@ def create_app(infer: Infer, health_check: Callable[[], Awaitable[None]], config
     @app.get("/info")
     async def info() -> Response:
         return _json(config.info)
+
+    @app.get("/metrics")
+    async def metrics_route(request: Request) -> Response:
+        """Prometheus text, or the reference's JSON shape when the client accepts JSON."""
+        if "application/json" in request.headers.get("accept", ""):
+            return JSONResponse(metrics.render_json())
+        return PlainTextResponse(metrics.render_text())
 
     return app

@@ -22,6 +22,7 @@ from typing import Protocol
 
 from lorax_server.pb import generate_pb2
 from router.errors import GenerationError, IncompleteGenerationError
+from router.metrics import Metrics
 from router.queue import EndEvent, Entry, PrefillEvent, TokenEvent
 from router.schemas import AlternativeToken, FinishReason, PrefillToken, Token
 from router.scheduler import Scheduler
@@ -201,12 +202,19 @@ class _Running:
 
 
 class BatchingLoop:
-    def __init__(self, client: GenerationClient, scheduler: Scheduler, config: BatchingConfig) -> None:
+    def __init__(
+        self, client: GenerationClient, scheduler: Scheduler, config: BatchingConfig, metrics: Metrics | None = None
+    ) -> None:
         self.client = client
         self.scheduler = scheduler
         self.config = config
+        self.metrics = metrics or Metrics()
+        self.running: _Running | None = None  # read by the batch gauges
         self._wakeup = asyncio.Event()
         self._batch_ids = itertools.count()
+        self.metrics.gauge("queue_length", lambda: scheduler.queued)
+        self.metrics.gauge("batch_current_size", lambda: len(self.running.entries) if self.running else 0)
+        self.metrics.gauge("batch_current_max_tokens", lambda: self.running.max_tokens if self.running else 0)
 
     def notify(self) -> None:
         """Called on every new request and adapter status change."""
@@ -221,19 +229,20 @@ class BatchingLoop:
     async def _serve(self) -> None:
         config = self.config
         while batch := self._next_batch(set(), None, config.max_batch_total_tokens):
-            running = await self._prefill(batch)
+            running = self.running = await self._prefill(batch)
             waiting_tokens = 1
             while running is not None:
                 min_size = join_min_size(len(running.entries), waiting_tokens, config)
                 budget = config.max_batch_total_tokens - running.max_tokens
                 joining = self._next_batch(running.adapters(), min_size, budget)
                 if joining:
+                    self.metrics.inc("batch_concat", reason="wait_exceeded" if min_size is None else "backpressure")
                     added = await self._prefill(joining)
                     if added is not None:
                         running.batches.extend(added.batches)
                         running.entries.update(added.entries)
                     waiting_tokens = 1
-                running = await self._decode(running)
+                running = self.running = await self._decode(running)
                 waiting_tokens += 1
 
     def _next_batch(self, in_use: set[int], min_size: int | None, token_budget: int) -> list[Entry] | None:
@@ -251,27 +260,33 @@ class BatchingLoop:
             max_tokens=sum(kv_tokens(entry, self.config) for entry in entries),
         )
         running = _Running([], {entry.id: entry for entry in entries})
-        return await self._step(running, [batch.id], self.client.prefill(batch))
+        return await self._step("prefill", running, [batch.id], self.client.prefill(batch))
 
     async def _decode(self, running: _Running) -> _Running | None:
-        return await self._step(running, [batch.id for batch in running.batches], self.client.decode(running.batches))
+        batch_ids = [batch.id for batch in running.batches]
+        return await self._step("decode", running, batch_ids, self.client.decode(running.batches))
 
     async def _step(
         self,
+        method: str,
         running: _Running,
         batch_ids: list[int],
         call: Awaitable[tuple[list[generate_pb2.Generation], generate_pb2.CachedBatch | None]],
     ) -> _Running | None:
         """Run one Prefill/Decode; any failure fails this batch's entries and clears it, never the loop."""
+        self.metrics.inc("batch_inference_count", method=method)
         cached = None
         try:
             generations, cached = await call
-            return await self._advance(running, generations, cached)
+            result = await self._advance(running, generations, cached)
         except Exception as error:
+            self.metrics.inc("batch_inference_failure", method=method)
             if cached is not None and cached.id not in batch_ids:
                 batch_ids = [*batch_ids, cached.id]
             await self._fail(running, batch_ids, error)
             return None
+        self.metrics.inc("batch_inference_success", method=method)
+        return result
 
     async def _advance(
         self, running: _Running, generations: list[generate_pb2.Generation], cached: generate_pb2.CachedBatch | None

@@ -25,6 +25,7 @@ from tokenizers import Tokenizer
 from router.app import AppConfig, create_app
 from router.batching import BatchingConfig, BatchingLoop
 from router.infer import Infer
+from router.metrics import Metrics
 from router.scheduler import Scheduler
 from router.schemas import Info
 from router.shards import ShardedClient, ShardError
@@ -186,6 +187,7 @@ async def build_router(args: argparse.Namespace, tokenizer: Tokenizer, client: S
         on_change=lambda: batching.notify(),
         preloaded=preloaded,
     )
+    metrics = Metrics()
     batching = BatchingLoop(
         client,
         scheduler,
@@ -197,6 +199,7 @@ async def build_router(args: argparse.Namespace, tokenizer: Tokenizer, client: S
             block_size=block_size,
             speculate=shard_info.speculate,
         ),
+        metrics,
     )
     tokenizers = TokenizerPool(tokenizer, args.validation_workers)
     limits = ValidationLimits(
@@ -223,7 +226,7 @@ async def build_router(args: argparse.Namespace, tokenizer: Tokenizer, client: S
     config = AppConfig(
         info=info, default_adapter_source=args.adapter_source, cors_allow_origins=tuple(args.cors_allow_origin)
     )
-    return Router(create_app(infer, client.health, config), scheduler, batching, tokenizers)
+    return Router(create_app(infer, client.health, config, metrics), scheduler, batching, tokenizers)
 
 
 async def serve(args: argparse.Namespace, tokenizer: Tokenizer) -> None:

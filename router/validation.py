@@ -105,12 +105,12 @@ class TokenizerPool:
 
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tokenizer", initializer=load)
 
-    def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
-        return self._local.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+    def _encode(self, text: str) -> list[int]:
+        return self._local.tokenizer.encode(text, add_special_tokens=True).ids
 
-    async def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+    async def encode(self, text: str) -> list[int]:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._encode, text, add_special_tokens)
+        return await loop.run_in_executor(self._executor, self._encode, text)
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -282,3 +282,24 @@ def test_two_shards_fan_out_and_rank_zero_answers():
             assert rank1.warmup_requests and rank0.warmup_requests
 
     run(scenario())
+
+
+def test_metrics():
+    async def scenario():
+        async with router_stack(*LIMITS) as stack:
+            await stack.http.post("/generate", json={"inputs": words(2), "parameters": {"max_new_tokens": 3}})
+            await stack.http.post("/generate", json={"inputs": words(2), "parameters": {"top_k": -1}})
+            await stack.http.post("/generate", json={"inputs": "FAIL", "parameters": {"max_new_tokens": 3}})
+            text = (await stack.http.get("/metrics")).text
+            for line in ["# TYPE lorax_request_count counter", "lorax_request_count 3", "lorax_request_success 1",
+                         'lorax_request_failure{err="validation"} 1', 'lorax_request_failure{err="generation"} 1',
+                         'lorax_batch_inference_count{method="prefill"} 2',
+                         'lorax_batch_inference_failure{method="prefill"} 1',
+                         'lorax_batch_inference_success{method="decode"} 2',
+                         "# TYPE lorax_queue_length gauge", "lorax_queue_length 0", "lorax_batch_current_size 0"]:
+                assert line in text.splitlines(), line
+            as_json = (await stack.http.get("/metrics", headers={"accept": "application/json"})).json()
+            assert as_json["lorax_request_count"] == {"type": "counter", "data": [{"key": "", "value": 3.0}]}
+            assert as_json["lorax_request_failure"]["data"][0]["key"] == 'lorax_request_failure{err="validation"}'
+
+    run(scenario())
