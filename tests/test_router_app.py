@@ -280,6 +280,10 @@ def test_two_shards_fan_out_and_rank_zero_answers():
             assert len(rank1.prefill_batches) == len(rank0.prefill_batches) == 1
             assert rank1.decode_calls == rank0.decode_calls
             assert rank1.warmup_requests and rank0.warmup_requests
+            lora = await stack.http.post("/generate", json={"inputs": words(3), "parameters": {"adapter_id": "a/b"}})
+            assert lora.status_code == 200
+            assert [call for call, _ in rank0.adapter_calls] == ["download", "load"]
+            assert [call for call, _ in rank1.adapter_calls] == ["load"]  # downloads happen once, on shard 0
 
     run(scenario())
 

@@ -245,6 +245,22 @@ def test_failing_adapter_fails_only_its_requests_promptly():
     run(scenario())
 
 
+def test_unknown_adapter_source_is_424_without_any_rpc():
+    async def scenario():
+        async with router_stack() as stack:
+            body = {"inputs": words(2), "parameters": {"adapter_id": "x/y", "adapter_source": "ftp"}}
+            reply = await stack.http.post("/generate", json=body)
+            assert reply.status_code == 424
+            assert reply.json()["error"] == (
+                "Request failed during generation: Server error: Invalid source 'ftp' when downloading adapter 'x/y'"
+            )
+            assert stack.shards[0].adapter_calls == []
+            body["parameters"]["adapter_source"] = "LOCAL"  # case-insensitive
+            assert (await stack.http.post("/generate", json=body)).status_code == 200
+
+    run(scenario())
+
+
 def test_adapter_rpcs_failing_on_the_shard_surface_as_424():
     """The real shard answers adapter RPCs with an error until it supports them: 424 for those requests only."""
 
