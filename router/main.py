@@ -115,7 +115,7 @@ def bind_socket(hostname: str, port: int) -> socket.socket:
         return _bind(hostname, port)
     except OSError as error:
         if error.errno == errno.EADDRINUSE:
-            raise
+            raise StartupError(f"port {port} is already in use") from error
         logger.warning("cannot bind %s (%s); binding 0.0.0.0 instead", hostname, error)
         return _bind("0.0.0.0", port)
 

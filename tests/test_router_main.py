@@ -126,6 +126,14 @@ def test_unbindable_hostname_falls_back(caplog):
         sock.close()
 
 
+def test_port_in_use_is_a_startup_error():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(StartupError, match="already in use"):
+            bind_socket("127.0.0.1", taken.getsockname()[1])
+
+
 @pytest.mark.skipif(importlib.util.find_spec("ngrok") is not None, reason="ngrok is installed here")
 def test_ngrok_without_the_package_exits_1(capsys):
     with pytest.raises(SystemExit) as exited:
