@@ -77,10 +77,6 @@ class ShardedClient:
         channels = [grpc.aio.insecure_channel(_url(url), options=_CHANNEL_OPTIONS) for url in urls]
         return cls(channels)
 
-    @property
-    def world_size(self) -> int:
-        return len(self._stubs)
-
     async def close(self) -> None:
         await asyncio.gather(*(channel.close() for channel in self._channels))
 
