@@ -4,14 +4,12 @@ Each source turns an adapter id into a local folder holding adapter_config.json 
 """
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 
 from lorax_server.adapters.config import AdapterError
-from lorax_server.sources import cache_dir
+from lorax_server.sources import cache_dir, s3
 
-logger = logging.getLogger(__name__)
 
 ADAPTER_PATTERNS = ["adapter_config.json", "*.safetensors", "adapter_model*.bin", "tokenizer*", "*.json"]
 LOCAL_ROOTS_ENV = "LORAX_LOCAL_ADAPTER_ROOTS"
@@ -49,45 +47,11 @@ def fetch_hub(adapter_id: str, api_token: str | None, revision: str | None = Non
         raise AdapterError(f"adapter '{adapter_id}' could not be fetched from the hub: {type(exc).__name__}: {exc}") from exc
 
 
-def parse_s3(adapter_id: str) -> tuple[str, str]:
-    """(bucket, prefix): s3://bucket/path, else PREDIBASE_MODEL_BUCKET with the id as path, else bucket/path."""
-    if adapter_id.startswith("s3://"):
-        bucket, _, prefix = adapter_id[5:].partition("/")
-    elif os.environ.get("PREDIBASE_MODEL_BUCKET"):
-        bucket = os.environ["PREDIBASE_MODEL_BUCKET"]
-        folder = os.environ.get("PREDIBASE_MODEL_FOLDER", "")
-        prefix = f"{folder.rstrip('/')}/{adapter_id}" if folder else adapter_id
-    else:
-        bucket, _, prefix = adapter_id.partition("/")
-    if not bucket or not prefix:
-        raise AdapterError(f"S3 adapter id '{adapter_id}' must look like s3://bucket/path")
-    return bucket, prefix.strip("/")
-
-
 def fetch_s3(adapter_id: str) -> Path:
-    """Download every object under the adapter's prefix into the cache (skipping files already there)."""
-    import boto3
-    from botocore.config import Config
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    bucket, prefix = parse_s3(adapter_id)
-    target = cache_dir() / f"models--s3--{bucket}--{prefix.replace('/', '--')}"
-    endpoint = os.environ.get("S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL") or None
-    client = boto3.client("s3", endpoint_url=endpoint, config=Config(retries={"max_attempts": 5, "mode": "standard"}))
     try:
-        pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/")
-        keys = [obj["Key"] for page in pages for obj in page.get("Contents", [])]
-        if not keys:
-            raise AdapterError(f"S3 adapter '{adapter_id}': no objects under s3://{bucket}/{prefix}/")
-        for key in keys:
-            dest = target / key[len(prefix) + 1 :]
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            tmp = dest.with_name(dest.name + ".part")
-            client.download_file(bucket, key, str(tmp))
-            os.replace(tmp, dest)
-    except (BotoCoreError, ClientError) as exc:
-        raise AdapterError(f"S3 adapter '{adapter_id}' could not be fetched: {exc}") from exc
-    return target
+        return s3.fetch(adapter_id, cache_dir())
+    except s3.S3Error as exc:
+        raise AdapterError(f"S3 adapter '{adapter_id}': {exc}") from exc
 
 
 def fetch_adapter(adapter_id: str, source: str, api_token: str | None = None, trusted: bool = False) -> Path:

@@ -1,4 +1,4 @@
-"""Resolve a model id (hub repo, local folder, .gguf file) to a local folder of weights.
+"""Resolve a model id (hub repo, S3 prefix, local folder, .gguf file) to a local folder of weights.
 
 `locate_model` never touches the network; `fetch_model` may download (the launcher's download step).
 Both agree on where things land, so the shard and the router can find what the download step fetched.
@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from lorax_server.sources import hub, local
+from lorax_server.sources import hub, local, s3
 
 SOURCES = ("hub", "s3", "local")
 
@@ -40,6 +40,11 @@ def locate_model(model_id: str, revision: str | None = None, source: str = "hub"
         if found is None:
             raise ModelNotFound(f"model '{model_id}' (source hub) is not in the cache {cache_dir()}")
         return found
+    if source == "s3":
+        found = s3.locate(model_id, cache_dir())
+        if found is None:
+            raise ModelNotFound(f"model '{model_id}' (source s3) has not been downloaded into {cache_dir()} yet")
+        return found
     raise ModelNotFound(f"unknown model source '{source}' for '{model_id}' (expected one of {', '.join(SOURCES)})")
 
 
@@ -50,4 +55,9 @@ def fetch_model(model_id: str, revision: str | None = None, source: str = "hub")
         return local.prepare(path, cache_dir())
     if source == "hub":
         return hub.fetch(model_id, revision, cache_dir())
+    if source == "s3":
+        try:
+            return s3.fetch(model_id, cache_dir())
+        except s3.S3Error as exc:
+            raise ModelNotFound(f"model '{model_id}' (source s3): {exc}") from exc
     raise ModelNotFound(f"unknown model source '{source}' for '{model_id}' (expected one of {', '.join(SOURCES)})")

@@ -1,0 +1,70 @@
+"""Models and adapters in S3 (or any S3-compatible store): every object under a prefix, mirrored into the cache.
+
+Ids look like `s3://bucket/path`; a bare `path` uses PREDIBASE_MODEL_BUCKET (and PREDIBASE_MODEL_FOLDER), and
+`bucket/path` works too. The endpoint comes from S3_ENDPOINT_URL / AWS_ENDPOINT_URL, credentials the usual boto3 way.
+A finished download leaves a marker file, so an interrupted one is never mistaken for a complete model.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+COMPLETE_MARKER = ".lorax-s3-complete"
+
+
+class S3Error(Exception):
+    """The id is malformed, the prefix is empty, or S3 refused or failed the download."""
+
+
+def parse(model_id: str) -> tuple[str, str]:
+    """(bucket, prefix) of an S3 id."""
+    if model_id.startswith("s3://"):
+        bucket, _, prefix = model_id[5:].partition("/")
+    elif os.environ.get("PREDIBASE_MODEL_BUCKET"):
+        bucket = os.environ["PREDIBASE_MODEL_BUCKET"]
+        folder = os.environ.get("PREDIBASE_MODEL_FOLDER", "")
+        prefix = f"{folder.rstrip('/')}/{model_id}" if folder else model_id
+    else:
+        bucket, _, prefix = model_id.partition("/")
+    if not bucket or not prefix.strip("/"):
+        raise S3Error(f"S3 id '{model_id}' must look like s3://bucket/path")
+    return bucket, prefix.strip("/")
+
+
+def target_dir(model_id: str, cache: Path) -> Path:
+    bucket, prefix = parse(model_id)
+    return cache / f"models--s3--{bucket}--{prefix.replace('/', '--')}"
+
+
+def locate(model_id: str, cache: Path) -> Path | None:
+    """The mirrored folder of a fully downloaded `model_id`, or None."""
+    target = target_dir(model_id, cache)
+    return target if (target / COMPLETE_MARKER).exists() else None
+
+
+def fetch(model_id: str, cache: Path) -> Path:
+    """Download every object under the id's prefix into the cache (overwriting what is there) and return the folder."""
+    import boto3
+    from botocore.config import Config
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, prefix = parse(model_id)
+    target = target_dir(model_id, cache)
+    endpoint = os.environ.get("S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL") or None
+    client = boto3.client("s3", endpoint_url=endpoint, config=Config(retries={"max_attempts": 5, "mode": "standard"}))
+    try:
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/")
+        keys = [obj["Key"] for page in pages for obj in page.get("Contents", []) if not obj["Key"].endswith("/")]
+        if not keys:
+            raise S3Error(f"no objects under s3://{bucket}/{prefix}/")
+        (target / COMPLETE_MARKER).unlink(missing_ok=True)
+        for key in keys:
+            dest = target / key[len(prefix) + 1 :]
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            partial = dest.with_name(dest.name + ".part")
+            client.download_file(bucket, key, str(partial))
+            os.replace(partial, dest)
+    except (BotoCoreError, ClientError) as exc:
+        raise S3Error(f"s3://{bucket}/{prefix} could not be fetched: {exc}") from exc
+    (target / COMPLETE_MARKER).touch()
+    return target
