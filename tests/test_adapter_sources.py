@@ -1,7 +1,10 @@
 """Adapter sources against real protocols: S3 via a local S3-compatible server, the hub via its cache layout."""
 from __future__ import annotations
 
+import json
 import shutil
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import boto3
 import pytest
@@ -31,28 +34,86 @@ def same_weights(a, b) -> bool:
     )
 
 
-def test_s3_adapter_from_local_s3_server(registry, monkeypatch):
+@pytest.fixture()
+def s3_client(monkeypatch):
+    """A client of a real local S3-compatible server (moto), with the env the shard reads set to reach it."""
     from moto.server import ThreadedMotoServer
 
-    registry, adapter = registry
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
+    for var, value in {"S3_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
+                       "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(var, value)
+    yield boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}")
+    server.stop()
+
+
+def test_s3_adapter_from_local_s3_server(registry, s3_client):
+    registry, adapter = registry
+    s3_client.create_bucket(Bucket="adapters")
+    for file in adapter.iterdir():
+        s3_client.upload_file(str(file), "adapters", f"team/my-lora/{file.name}")
+    from_s3 = registry.fetch(AdapterKey(("s3://adapters/team/my-lora",), "s3"))
+    from_disk = registry.fetch(AdapterKey((str(adapter),), "local"))
+    assert same_weights(from_s3, from_disk)
+    with pytest.raises(AdapterError, match="no objects"):
+        registry.fetch(AdapterKey(("s3://adapters/team/missing",), "s3"))
+
+
+class FakeGateway(BaseHTTPRequestHandler):
+    """The two Predibase endpoints the pbase source asks, answering from `ROUTES` and recording the auth header."""
+
+    ROUTES: dict[str, tuple[int, dict]] = {}
+    seen: list[tuple[str, str]] = []
+
+    def do_GET(self) -> None:
+        FakeGateway.seen.append((self.path, self.headers.get("Authorization", "")))
+        status, body = self.ROUTES.get(self.path, (404, {"error": "not found"}))
+        payload = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_pbase_adapter_resolved_through_the_api_then_s3(registry, s3_client, monkeypatch):
+    registry, adapter = registry
+    monkeypatch.setenv("PREDIBASE_MODEL_BUCKET", "pbase-bucket")
+    s3_client.create_bucket(Bucket="pbase-bucket")
+    for file in adapter.iterdir():
+        s3_client.upload_file(str(file), "pbase-bucket", f"uuid-1/run-7/artifacts/model/model_weights/{file.name}")
+        s3_client.upload_file(str(file), "pbase-bucket", f"adapters/sql/3/{file.name}")
+    FakeGateway.ROUTES = {
+        "/v2/repos/sql/version/3": (200, {"status": "completed", "adapterPath": "adapters/sql/3"}),
+        "/v2/repos/sql/version/4": (200, {"status": "queued", "adapterPath": None}),
+        "/v1/models/version/name/legacy": (200, {"uuid": "uuid-1", "bestRunID": "run-7"}),
+        "/v1/models/version/name/legacy?version=2": (200, {"uuid": "uuid-1", "bestRunID": "run-7"}),
+    }
+    FakeGateway.seen = []
+    gateway = ThreadingHTTPServer(("127.0.0.1", 0), FakeGateway)
+    threading.Thread(target=gateway.serve_forever, daemon=True).start()
+    monkeypatch.setenv("PREDIBASE_GATEWAY_ENDPOINT", f"http://127.0.0.1:{gateway.server_address[1]}")
     try:
-        for var, value in {"S3_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
-                           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}.items():
-            monkeypatch.setenv(var, value)
-        s3 = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}")
-        s3.create_bucket(Bucket="adapters")
-        for file in adapter.iterdir():
-            s3.upload_file(str(file), "adapters", f"team/my-lora/{file.name}")
-        from_s3 = registry.fetch(AdapterKey(("s3://adapters/team/my-lora",), "s3"))
-        from_disk = registry.fetch(AdapterKey((str(adapter),), "local"))
-        assert same_weights(from_s3, from_disk)
-        with pytest.raises(AdapterError, match="no objects"):
-            registry.fetch(AdapterKey(("s3://adapters/team/missing",), "s3"))
+        expected = registry.fetch(AdapterKey((str(adapter),), "local"))
+        assert same_weights(registry.fetch(AdapterKey(("sql/3",), "pbase"), api_token="tok-a"), expected)
+        assert ("/v2/repos/sql/version/3", "Bearer tok-a") in FakeGateway.seen
+        assert same_weights(registry.fetch(AdapterKey(("legacy",), "pbase"), api_token="tok-a"), expected)
+        # The versioned endpoint does not know this repo: the legacy one answers.
+        assert same_weights(registry.fetch(AdapterKey(("legacy/2",), "pbase"), api_token="tok-a"), expected)
+        with pytest.raises(AdapterError, match="not ready yet"):
+            registry.fetch(AdapterKey(("sql/4",), "pbase"), api_token="tok-a")
+        with pytest.raises(AdapterError, match="answered 404"):
+            registry.fetch(AdapterKey(("unknown",), "pbase"), api_token="tok-a")
+        monkeypatch.delenv("PREDIBASE_API_TOKEN", raising=False)
+        with pytest.raises(AdapterError, match="needs an API token"):
+            registry.fetch(AdapterKey(("sql/5",), "pbase"))
     finally:
-        server.stop()
+        gateway.shutdown()
 
 
 def test_hub_adapter_served_offline_from_cache_layout(registry, monkeypatch, tmp_path):

@@ -1,4 +1,4 @@
-"""Where adapters come from: the Hugging Face hub (its cache layout), S3, or a local folder.
+"""Where adapters come from: the Hugging Face hub (its cache layout), S3, Predibase (via S3), or a local folder.
 
 Each source turns an adapter id into a local folder holding adapter_config.json and the weights.
 """
@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from lorax_server.adapters import pbase
 from lorax_server.adapters.config import AdapterError
 from lorax_server.sources import cache_dir, s3
 
@@ -55,7 +56,7 @@ def fetch_s3(adapter_id: str) -> Path:
 
 
 def fetch_adapter(adapter_id: str, source: str, api_token: str | None = None, trusted: bool = False) -> Path:
-    """Local folder of `adapter_id` from `source` (hub, s3, local)."""
+    """Local folder of `adapter_id` from `source` (hub, s3, local, pbase)."""
     source = source.lower()
     if source == "local":
         return fetch_local(adapter_id, trusted)
@@ -64,5 +65,5 @@ def fetch_adapter(adapter_id: str, source: str, api_token: str | None = None, tr
     if source == "s3":
         return fetch_s3(adapter_id)
     if source == "pbase":
-        raise AdapterError(f"adapter source 'pbase' is not supported by this server (adapter '{adapter_id}')")
-    raise AdapterError(f"unknown adapter source '{source}' for adapter '{adapter_id}' (expected hub, s3 or local)")
+        return fetch_s3(pbase.resolve(adapter_id, api_token))
+    raise AdapterError(f"unknown adapter source '{source}' for adapter '{adapter_id}' (expected hub, s3, local or pbase)")
