@@ -1,4 +1,5 @@
-# One entry point for users and CI. `make run` serves the bundled SmolLM2-135M demo; `make test` runs the suite.
+# One entry point for users and CI. `make run` serves the bundled SmolLM2-135M demo (with two demo adapters);
+# `make test` runs the suite.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
@@ -17,6 +18,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 run: $(STAMP)
+	$(PY) -m lorax_server.demo_adapters
 	$(VENV)/bin/lorax-launcher --model-id $$($(PY) -m lorax_server.demo_model) --port $${PORT:-3000} --hostname $${HOSTNAME_BIND:-127.0.0.1}
 
 test: $(STAMP)
