@@ -151,3 +151,20 @@ def test_linear_merge_equals_adapter_with_merged_tensors(registry, tiny_model_di
         registry.fetch(AdapterKey((str(first), str(second)), "local", (), "average", 1.0, "total"))
     with pytest.raises(AdapterError, match="density"):
         registry.fetch(AdapterKey((str(first), str(second)), "local", (), "ties", 0.0, "total"))
+
+
+def test_memory_reports_each_tier(registry, tiny_model_dir, tmp_path):
+    registry, adapter = registry
+    _, model = tiny_model_dir
+    other = make_adapter(model, tmp_path / "other", 7, 4, 8, ["o_proj"])
+    assert registry.memory().disk_adapters == registry.memory().host_adapters == registry.memory().device_adapters == 0
+    registry.load(AdapterKey((str(adapter),), "local"), 1)
+    first = registry.fetch(AdapterKey((str(adapter),), "local"))
+    registry.fetch(AdapterKey((str(other),), "local"))
+    memory = registry.memory()
+    on_disk = sum(f.stat().st_size for d in (adapter, other) for f in d.glob("adapter_model*"))
+    assert (memory.disk_adapters, memory.disk_bytes) == (2, on_disk)
+    assert (memory.host_adapters, memory.device_adapters, memory.device_bytes) == (2, 1, first.nbytes)
+    assert memory.host_bytes > first.nbytes
+    registry.offload(1)
+    assert (registry.memory().device_adapters, registry.memory().device_bytes) == (0, 0)

@@ -62,6 +62,7 @@ class AdapterRegistry:
         self.host_capacity = host_capacity
         self.host: OrderedDict[AdapterKey, LoraWeights] = OrderedDict()  # CPU tier, LRU
         self.active: dict[int, LoraWeights] = {}  # device tier, by router index
+        self.disk: dict[Path, int] = {}  # weight bytes of every adapter folder this shard has read
         self._stacks: OrderedDict[tuple[int, ...], dict] = OrderedDict()
         layer = model.layers[0]
         self._out_sizes = {
@@ -73,6 +74,7 @@ class AdapterRegistry:
     # ---- tiers ------------------------------------------------------------------------------------
     def _read_one(self, adapter_id: str, source: str, api_token: str | None, trusted: bool, scale: float | None = None) -> tuple[LoraWeights, float]:
         folder = fetch_adapter(adapter_id, source, api_token, trusted)
+        self.disk[folder] = sum(f.stat().st_size for f in folder.glob("adapter_model*") if f.is_file())
         config = read_config(folder, adapter_id)
         self._check_base(config.base_model_name_or_path, adapter_id)
         weights = load_lora(folder, adapter_id, config.scale if scale is None else scale, self.shapes, len(self.model.layers))
@@ -140,14 +142,13 @@ class AdapterRegistry:
         self._stacks.clear()
         return True
 
-    def stats(self) -> dict[str, int]:
-        """Bytes per tier (device, host) for /info and metrics."""
-        return {
-            "device_bytes": sum(w.nbytes for w in self.active.values()),
-            "host_bytes": sum(w.nbytes for w in self.host.values()),
-            "device_adapters": len(self.active),
-            "host_adapters": len(self.host),
-        }
+    def memory(self) -> generate_pb2.AdapterMemory:
+        """Adapters and bytes per tier, reported to the router with every adapter RPC (it exports them as metrics)."""
+        return generate_pb2.AdapterMemory(
+            device_bytes=sum(w.nbytes for w in self.active.values()), device_adapters=len(self.active),
+            host_bytes=sum(w.nbytes for w in self.host.values()), host_adapters=len(self.host),
+            disk_bytes=sum(self.disk.values()), disk_adapters=len(self.disk),
+        )
 
     # ---- per batch -------------------------------------------------------------------------------
     def lora_batch(self, adapter_indices: torch.Tensor, token_counts: torch.Tensor | None) -> LoraBatch | None:

@@ -373,13 +373,31 @@ class DownloadAdapterRequest(_message.Message):
     api_token: str
     def __init__(self, adapter_parameters: _Optional[_Union[AdapterParameters, _Mapping]] = ..., adapter_source: _Optional[_Union[AdapterSource, str]] = ..., api_token: _Optional[str] = ...) -> None: ...
 
+class AdapterMemory(_message.Message):
+    __slots__ = ("device_bytes", "device_adapters", "host_bytes", "host_adapters", "disk_bytes", "disk_adapters")
+    DEVICE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    HOST_BYTES_FIELD_NUMBER: _ClassVar[int]
+    HOST_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    DISK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DISK_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    device_bytes: int
+    device_adapters: int
+    host_bytes: int
+    host_adapters: int
+    disk_bytes: int
+    disk_adapters: int
+    def __init__(self, device_bytes: _Optional[int] = ..., device_adapters: _Optional[int] = ..., host_bytes: _Optional[int] = ..., host_adapters: _Optional[int] = ..., disk_bytes: _Optional[int] = ..., disk_adapters: _Optional[int] = ...) -> None: ...
+
 class DownloadAdapterResponse(_message.Message):
-    __slots__ = ("downloaded", "memory_fraction")
+    __slots__ = ("downloaded", "memory_fraction", "memory")
     DOWNLOADED_FIELD_NUMBER: _ClassVar[int]
     MEMORY_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_FIELD_NUMBER: _ClassVar[int]
     downloaded: bool
     memory_fraction: float
-    def __init__(self, downloaded: _Optional[bool] = ..., memory_fraction: _Optional[float] = ...) -> None: ...
+    memory: AdapterMemory
+    def __init__(self, downloaded: _Optional[bool] = ..., memory_fraction: _Optional[float] = ..., memory: _Optional[_Union[AdapterMemory, _Mapping]] = ...) -> None: ...
 
 class LoadAdapterRequest(_message.Message):
     __slots__ = ("adapter_parameters", "adapter_source", "adapter_index", "api_token")
@@ -394,10 +412,12 @@ class LoadAdapterRequest(_message.Message):
     def __init__(self, adapter_parameters: _Optional[_Union[AdapterParameters, _Mapping]] = ..., adapter_source: _Optional[_Union[AdapterSource, str]] = ..., adapter_index: _Optional[int] = ..., api_token: _Optional[str] = ...) -> None: ...
 
 class LoadAdapterResponse(_message.Message):
-    __slots__ = ("loaded",)
+    __slots__ = ("loaded", "memory")
     LOADED_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_FIELD_NUMBER: _ClassVar[int]
     loaded: bool
-    def __init__(self, loaded: _Optional[bool] = ...) -> None: ...
+    memory: AdapterMemory
+    def __init__(self, loaded: _Optional[bool] = ..., memory: _Optional[_Union[AdapterMemory, _Mapping]] = ...) -> None: ...
 
 class OffloadAdapterRequest(_message.Message):
     __slots__ = ("adapter_parameters", "adapter_source", "adapter_index")
@@ -410,7 +430,9 @@ class OffloadAdapterRequest(_message.Message):
     def __init__(self, adapter_parameters: _Optional[_Union[AdapterParameters, _Mapping]] = ..., adapter_source: _Optional[_Union[AdapterSource, str]] = ..., adapter_index: _Optional[int] = ...) -> None: ...
 
 class OffloadAdapterResponse(_message.Message):
-    __slots__ = ("offloaded",)
+    __slots__ = ("offloaded", "memory")
     OFFLOADED_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_FIELD_NUMBER: _ClassVar[int]
     offloaded: bool
-    def __init__(self, offloaded: _Optional[bool] = ...) -> None: ...
+    memory: AdapterMemory
+    def __init__(self, offloaded: _Optional[bool] = ..., memory: _Optional[_Union[AdapterMemory, _Mapping]] = ...) -> None: ...
