@@ -5,8 +5,8 @@
 (c) transformers + peft, one mixed-adapter batch via generate(adapter_names=...)
 (d) transformers + peft, one request at a time, switching adapters
 
-Prints generated tokens/s for each and the ratios (b)/(a), (b)/(c), (b)/(d).
-Usage: python benchmarks/multi_lora.py [--requests 32] [--new-tokens 64]
+Prints generated tokens/s for each (best of interleaved rounds) and the ratios (b)/(a), (b)/(c), (b)/(d).
+Usage: python benchmarks/multi_lora.py [--requests 32] [--new-tokens 64] [--rounds 2]
 """
 from __future__ import annotations
 
@@ -55,6 +55,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
     torch.manual_seed(0)
     folder = fetch_model(str(demo_gguf()))
@@ -77,10 +78,6 @@ def main() -> None:
         generator.adapters.load(AdapterKey((str(d),), "local"), i + 1, trusted=True)
     texts = prompts(args.requests)
 
-    run_engine(generator, texts[:4], [0] * 4, 4)  # warm up allocators and kernels
-    results = {"a": run_engine(generator, texts, [0] * len(texts), args.new_tokens)}
-    results["b"] = run_engine(generator, texts, list(range(1, len(texts) + 1)), args.new_tokens)
-
     tok = AutoTokenizer.from_pretrained(folder)
     tok.padding_side = "left"
     tok.pad_token = tok.pad_token or tok.eos_token
@@ -89,16 +86,33 @@ def main() -> None:
         peft_model.load_adapter(d, adapter_name=f"a{i}")
     names = [f"a{i}" for i in range(len(texts))]
     gen_args = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
-    with torch.inference_mode():
+
+    def peft_mixed() -> float:
         enc = tok(texts, return_tensors="pt", padding=True)
         start = time.perf_counter()
         peft_model.generate(**enc, adapter_names=names, **gen_args)
-        results["c"] = len(texts) * args.new_tokens / (time.perf_counter() - start)
+        return len(texts) * args.new_tokens / (time.perf_counter() - start)
+
+    def peft_one_at_a_time() -> float:
         start = time.perf_counter()
         for text, name in zip(texts, names):
             peft_model.set_adapter(name)
             peft_model.generate(**tok([text], return_tensors="pt"), **gen_args)
-        results["d"] = len(texts) * args.new_tokens / (time.perf_counter() - start)
+        return len(texts) * args.new_tokens / (time.perf_counter() - start)
+
+    runs = {
+        "a": lambda: run_engine(generator, texts, [0] * len(texts), args.new_tokens),
+        "b": lambda: run_engine(generator, texts, list(range(1, len(texts) + 1)), args.new_tokens),
+        "c": peft_mixed,
+        "d": peft_one_at_a_time,
+    }
+    run_engine(generator, texts[:4], [0] * 4, 4)  # warm up allocators and kernels
+    # Rounds interleave the four set-ups, so a change in machine load hits all of them; each keeps its best round.
+    results = {key: 0.0 for key in runs}
+    with torch.inference_mode():
+        for _ in range(args.rounds):
+            for key, run in runs.items():
+                results[key] = max(results[key], run())
 
     labels = {"a": "ours, base model", "b": "ours, 32 different adapters", "c": "peft mixed batch", "d": "peft one at a time"}
     for key, label in labels.items():

@@ -77,3 +77,37 @@ def test_bad_adapters_are_refused_with_reason(tmp_path, monkeypatch, tiny_model_
     (corrupt / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(AdapterError, match="corrupt"):
         registry.fetch(AdapterKey((str(corrupt),), "local"))
+
+
+@pytest.mark.parametrize("layout", ["side_by_side", "segments", None])
+def test_both_lora_layouts_equal_per_token_reference(layout):
+    """Each token gets exactly its own adapter's delta, whatever layout runs the batch."""
+    from lorax_server.adapters.weights import LoraWeights
+    from lorax_server.layers.lora import GROUPS, LoraBatch, stack_adapters
+
+    torch.manual_seed(0)
+    layers, d_in, outs = 2, 12, {"q_proj": 12, "k_proj": 4, "v_proj": 4, "o_proj": 12, "gate_proj": 20,
+                                  "up_proj": 20, "down_proj": 12}
+    ins = {"qkv": d_in, "o": 12, "gate_up": d_in, "down": 20}
+    module_in = {m: ins[g] for g, ms in GROUPS.items() for m in ms}
+    specs = [(4, ["q_proj", "v_proj"]), (8, list(outs)), (2, ["down_proj"]), (16, ["q_proj", "k_proj", "o_proj"])]
+    adapters = [
+        LoraWeights(r, {m: (torch.randn(layers, module_in[m], r), torch.randn(layers, r, outs[m])) for m in targets})
+        for r, targets in specs
+    ]
+    groups = stack_adapters(adapters, outs, layers, ins, torch.float32, torch.device("cpu"))
+    slots = torch.tensor([2, -1, 0, 0, 3, 1, -1, 0, 3, 1, 1, 1])
+    batch = LoraBatch(groups, slots, layout)
+    for group, modules in GROUPS.items():
+        x = torch.randn(len(slots), ins[group])
+        y = torch.randn(len(slots), sum(outs[m] for m in modules))
+        expected = y.clone()
+        for t, slot in enumerate(slots.tolist()):
+            if slot < 0:
+                continue
+            parts = [x[t] @ adapters[slot].modules[m][0][1] @ adapters[slot].modules[m][1][1]
+                     if m in adapters[slot].modules else torch.zeros(outs[m]) for m in modules]
+            expected[t] += torch.cat(parts)
+        assert torch.allclose(batch.apply(group, 1, x, y), expected, atol=1e-4), (group, layout)
+    if layout is None:  # many adapters with a token or two each: segments are cheaper than side by side
+        assert batch.layouts["qkv"] == "segments"

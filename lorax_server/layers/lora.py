@@ -1,17 +1,21 @@
-"""Many LoRA adapters applied in one forward pass.
+"""Many LoRA adapters applied in one forward pass, with one of two batched layouts per projection group.
 
-For each fused projection group (qkv, o, gate_up, down) the adapters present in the batch are laid side by
-side: A_cat [layers, in, R] holds every adapter's A along the rank axis, B_cat [layers, R, out] their scaled
-B (block-diagonal across q/k/v or gate/up). A token then uses only its own adapter's rank columns:
+Groups are the fused projections (qkv, o, gate_up, down). For the N adapters present in a batch:
 
-    y += ((x @ A_cat) * mask) @ B_cat,    mask[t, c] = 1 iff rank column c belongs to token t's adapter
+- **side by side**: A_cat [layers, in, R] holds every adapter's A along the rank axis (R = sum of ranks), B_cat
+  [layers, R, out] their scaled B (block-diagonal across q/k/v or gate/up); each token keeps its own adapter's
+  rank columns:  y += ((x @ A_cat) * mask) @ B_cat.  Two dense matmuls, but every token pays for all R columns.
+- **segments**: A_seg [layers, N, in, r_max] / B_seg [layers, N, r_max, out]; tokens are grouped by adapter into
+  an [N, L_max, in] block (L_max = most tokens of any one adapter) and y += bmm(bmm(x_seg, A_seg), B_seg),
+  scattered back. Each token pays only for its own rank, plus padding when adapters have uneven token counts.
 
-Two dense matmuls per group and layer for the whole batch, whatever mix of adapters and ranks it holds:
-no loop over requests or adapters, no weight merging, and tokens without an adapter get an exact zero delta.
+The cheaper layout is picked per batch from its composition (T x R against N x L_max x r_max): decode steps over
+many adapters use segments, a long prefill with one or two adapters goes side by side. Either way there is no
+Python loop over requests or adapters and no weight merging; tokens without an adapter get an exact zero delta.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -28,9 +32,28 @@ GROUPS = {
 
 @dataclass
 class LoraGroup:
+    """One group's adapters in both layouts (segments built on first use)."""
+
     a: torch.Tensor  # [layers, in, R]
     b: torch.Tensor  # [layers, R, out]
     owner: torch.Tensor  # [R] position (in the batch's adapter list) of each rank column
+    ranks: list[int]  # [N] rank columns each adapter has in this group (0 when it targets none of its modules)
+    _segments: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+
+    def segments(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A_seg [layers, N, in, r_max], B_seg [layers, N, r_max, out]), zero-padded to the largest rank."""
+        if self._segments is None:
+            layers, d_in, _ = self.a.shape
+            r_max, n = max(self.ranks), len(self.ranks)
+            a_seg = self.a.new_zeros(layers, n, d_in, r_max)
+            b_seg = self.b.new_zeros(layers, n, r_max, self.b.shape[-1])
+            col = 0
+            for pos, r in enumerate(self.ranks):
+                a_seg[:, pos, :, :r] = self.a[:, :, col : col + r]
+                b_seg[:, pos, :r, :] = self.b[:, col : col + r, :]
+                col += r
+            self._segments = (a_seg, b_seg)
+        return self._segments
 
 
 def stack_adapters(
@@ -47,7 +70,10 @@ def stack_adapters(
         pieces = [(pos, m, w.modules[m]) for pos, w in enumerate(adapters) for m in modules if m in w.modules]
         if not pieces:
             continue
-        rank_total = sum(a.shape[-1] for _, _, (a, _) in pieces)
+        ranks = [0] * len(adapters)
+        for pos, _, (a, _) in pieces:  # modules of one adapter and group share the adapter's rank
+            ranks[pos] += a.shape[-1]
+        rank_total = sum(ranks)
         a_cat = torch.zeros(num_layers, in_sizes[group], rank_total, dtype=dtype, device=device)
         b_cat = torch.zeros(num_layers, rank_total, total, dtype=dtype, device=device)
         owner = torch.empty(rank_total, dtype=torch.int64, device=device)
@@ -58,23 +84,57 @@ def stack_adapters(
             b_cat[:, col : col + r, offsets[m] : offsets[m] + out_sizes[m]] = b
             owner[col : col + r] = pos
             col += r
-        groups[group] = LoraGroup(a_cat, b_cat, owner)
+        groups[group] = LoraGroup(a_cat, b_cat, owner, ranks)
     return groups
 
 
-class LoraBatch:
-    """The adapters of one forward pass and which tokens use which."""
+class _Segments:
+    """Where each adapted token sits in the [N, L_max] segment block."""
 
-    def __init__(self, groups: dict[str, LoraGroup], token_slots: torch.Tensor):
-        """token_slots [T]: each token's position in the adapter list, -1 for the base model."""
+    def __init__(self, token_slots: torch.Tensor, n: int, per_adapter: torch.Tensor):
+        tokens = (token_slots >= 0).nonzero().squeeze(-1)
+        slots = token_slots[tokens]
+        order = torch.argsort(slots, stable=True)
+        self.tokens, slots = tokens[order], slots[order]
+        starts = torch.cumsum(per_adapter, 0) - per_adapter
+        self.length = int(per_adapter.max().item())
+        self.n = n
+        # Flat position of each adapted token in the [N * L_max] block.
+        self.position = slots * self.length + (torch.arange(len(slots), device=slots.device) - starts[slots])
+
+
+class LoraBatch:
+    """The adapters of one forward pass, which tokens use which, and the layout each group runs with."""
+
+    def __init__(self, groups: dict[str, LoraGroup], token_slots: torch.Tensor, layout: str | None = None):
+        """token_slots [T]: each token's position in the adapter list, -1 for the base model.
+        layout: "side_by_side" or "segments" to force one (tests); None picks the cheaper per group."""
         self.groups = groups
-        self.masks = {
-            name: (g.owner[None, :] == token_slots[:, None]).to(g.a.dtype) for name, g in groups.items()
-        }
+        n = max((len(g.ranks) for g in groups.values()), default=0)
+        per_adapter = torch.bincount(token_slots[token_slots >= 0], minlength=n)
+        self.segments = _Segments(token_slots, n, per_adapter) if n else None
+        self.layouts, self.masks = {}, {}
+        tokens = token_slots.numel()
+        for name, g in groups.items():
+            choice = layout
+            if choice is None:
+                side_cost = tokens * g.a.shape[-1]
+                seg_cost = n * self.segments.length * max(g.ranks)
+                choice = "segments" if seg_cost < side_cost else "side_by_side"
+            self.layouts[name] = choice
+            if choice == "side_by_side":
+                self.masks[name] = (g.owner[None, :] == token_slots[:, None]).to(g.a.dtype)
 
     def apply(self, group: str, layer: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """y plus every token's own adapter delta for this projection group and layer."""
         g = self.groups.get(group)
         if g is None:
             return y
-        return y + ((x @ g.a[layer]) * self.masks[group]) @ g.b[layer]
+        if self.layouts[group] == "side_by_side":
+            return y + ((x @ g.a[layer]) * self.masks[group]) @ g.b[layer]
+        seg = self.segments
+        a_seg, b_seg = g.segments()
+        block = x.new_zeros(seg.n * seg.length, x.shape[-1])
+        block[seg.position] = x[seg.tokens]
+        delta = torch.bmm(torch.bmm(block.view(seg.n, seg.length, -1), a_seg[layer]), b_seg[layer])
+        return y.index_add(0, seg.tokens, delta.view(seg.n * seg.length, -1)[seg.position])
