@@ -9,7 +9,7 @@ import sys
 
 import click
 
-from lorax_server import logs
+from lorax_server import logs, tracing
 
 logger = logging.getLogger("lorax_server")
 
@@ -49,6 +49,10 @@ def serve(model_id, adapter_id, revision, sharded, quantize, compile_, dtype, tr
     from lorax_server.server import serve as serve_grpc
 
     parallel, device = dist.initialize()
+    provider = None
+    if otlp_endpoint:
+        provider = tracing.otlp_provider(otlp_endpoint, tracing.SHARD_SERVICE)
+        tracing.configure(provider)
     try:
         service = build_service(model_id, revision, source, dtype, parallel, device, uds_path, adapter_id, adapter_source)
         socket_path = f"{uds_path}-{parallel.rank}"
@@ -56,6 +60,8 @@ def serve(model_id, adapter_id, revision, sharded, quantize, compile_, dtype, tr
             os.unlink(socket_path)
         asyncio.run(_run_until_signal(serve_grpc(service, socket_path)))
     finally:
+        if provider is not None:
+            provider.shutdown()  # sends the spans still buffered
         dist.shutdown()
 
 

@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import torch
 
+from lorax_server import tracing
 from lorax_server.adapters.config import AdapterError
 from lorax_server.adapters.registry import AdapterKey
 from lorax_server.batch import Batch
@@ -115,7 +116,10 @@ class LoraxService(generate_pb2_grpc.LoraxServiceServicer):
                 batch.release(self.generator.cache)
                 raise
 
-        generations, batch = await self._run(step)
+        pb = request.batch
+        tokens = sum(len(r.tokenized_inputs.ids) for r in pb.requests)
+        with tracing.span("prefill", batch_id=pb.id, size=len(pb.requests), tokens=tokens, rank=self.parallel.rank):
+            generations, batch = await self._run(step)
         return self._answer(generate_pb2.PrefillResponse, generations, batch)
 
     @_rpc
@@ -132,7 +136,10 @@ class LoraxService(generate_pb2_grpc.LoraxServiceServicer):
                     b.release(self.generator.cache)
                 raise
 
-        generations, batch = await self._run(step)
+        ids = [b.id for b in request.batches]
+        size = sum(b.size for b in request.batches)
+        with tracing.span("decode", batch_ids=ids, size=size, rank=self.parallel.rank):
+            generations, batch = await self._run(step)
         return self._answer(generate_pb2.DecodeResponse, generations, batch)
 
     def _answer(self, response_type, generations, batch: Batch | None):

@@ -260,6 +260,7 @@ class BatchingLoop:
             max_tokens=sum(kv_tokens(entry, self.config) for entry in entries),
         )
         running = _Running([], {entry.id: entry for entry in entries})
+        self.metrics.observe("batch_next_size", len(entries))
         return await self._step("prefill", running, [batch.id], self.client.prefill(batch))
 
     async def _decode(self, running: _Running) -> _Running | None:
@@ -277,7 +278,9 @@ class BatchingLoop:
         self.metrics.inc("batch_inference_count", method=method)
         cached = None
         try:
+            started = time.monotonic()
             generations, cached = await call
+            self.metrics.observe("batch_inference_duration", time.monotonic() - started, method=method)
             result = await self._advance(running, generations, cached)
         except Exception as error:
             self.metrics.inc("batch_inference_failure", method=method)

@@ -17,6 +17,7 @@ import socket
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import uvicorn
 from fastapi import FastAPI
@@ -31,6 +32,9 @@ from router.schemas import Info
 from router.shards import ShardedClient, ShardError
 from router.startup import StartupError, warmup
 from router.validation import AdapterSpec, TokenizerPool, ValidationLimits, Validator
+
+if TYPE_CHECKING:
+    from router.tracing import RequestTracer
 
 logger = logging.getLogger("router")
 
@@ -151,6 +155,7 @@ class Router:
     scheduler: Scheduler
     batching: BatchingLoop
     tokenizers: TokenizerPool
+    tracer: RequestTracer | None = None
     _task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -161,6 +166,8 @@ class Router:
             self._task.cancel()
         await self.scheduler.close()
         self.tokenizers.close()
+        if self.tracer is not None:
+            self.tracer.shutdown()
 
 
 async def build_router(args: argparse.Namespace, tokenizer: Tokenizer, client: ShardedClient) -> Router:
@@ -180,14 +187,15 @@ async def build_router(args: argparse.Namespace, tokenizer: Tokenizer, client: S
         for p in shard_info.preloaded_adapters
     }
     batching: BatchingLoop
+    metrics = Metrics(args.max_input_length, args.max_total_tokens)
     scheduler = Scheduler(
         client,
         max_active_adapters=args.max_active_adapters,
         adapter_cycle_time_s=args.adapter_cycle_time_s,
         on_change=lambda: batching.notify(),
         preloaded=preloaded,
+        metrics=metrics,
     )
-    metrics = Metrics()
     batching = BatchingLoop(
         client,
         scheduler,
@@ -208,7 +216,9 @@ async def build_router(args: argparse.Namespace, tokenizer: Tokenizer, client: S
         max_input_length=args.max_input_length,
         max_total_tokens=args.max_total_tokens,
     )
-    infer = Infer(Validator(tokenizers, limits, args.adapter_source), scheduler.append, args.max_concurrent_requests)
+    tracer = request_tracer(args.otlp_endpoint)
+    validator = Validator(tokenizers, limits, args.adapter_source)
+    infer = Infer(validator, scheduler.append, args.max_concurrent_requests, metrics, tracer)
     info = Info(
         model_id=args.model_id or args.tokenizer_name,
         model_dtype=shard_info.dtype,
@@ -226,7 +236,17 @@ async def build_router(args: argparse.Namespace, tokenizer: Tokenizer, client: S
     config = AppConfig(
         info=info, default_adapter_source=args.adapter_source, cors_allow_origins=tuple(args.cors_allow_origin)
     )
-    return Router(create_app(infer, client.health, config, metrics), scheduler, batching, tokenizers)
+    return Router(create_app(infer, client.health, config, metrics), scheduler, batching, tokenizers, tracer)
+
+
+def request_tracer(otlp_endpoint: str | None) -> RequestTracer | None:
+    """Request spans exported to `otlp_endpoint` as service "lorax-router"; None (no tracing) without one."""
+    if not otlp_endpoint:
+        return None
+    from lorax_server.tracing import ROUTER_SERVICE, otlp_provider
+    from router.tracing import RequestTracer
+
+    return RequestTracer(otlp_provider(otlp_endpoint, ROUTER_SERVICE))
 
 
 async def serve(args: argparse.Namespace, tokenizer: Tokenizer) -> None:
@@ -255,8 +275,6 @@ async def serve(args: argparse.Namespace, tokenizer: Tokenizer) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     setup_logging(args.json_output)
-    if args.otlp_endpoint:
-        logger.warning("--otlp-endpoint %s: trace export is not implemented; no traces are sent", args.otlp_endpoint)
     try:
         if args.ngrok:
             start_ngrok(args)

@@ -1,20 +1,25 @@
 """Queued requests (`Entry`), the events they receive, and one FIFO queue per adapter (spec 4.2).
 
 An entry is the only link between an HTTP handler and the batching loop: the loop pushes events into
-`entry.events`, the handler reads them. `finished` guarantees exactly one final event (End or Error) per entry, so an
-accepted request always gets an answer and never two.
+`entry.events`, the handler reads them. `finished` guarantees at most one final event (End or Error) per entry, so an
+accepted request always gets an answer and never two (none once its handler stopped listening). The entry keeps its
+timings, and `on_final` lets the owner of a request record its outcome (metrics, traces) once, whichever way it ends.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from router.errors import InferError
 from router.schemas import FinishReason, PrefillToken, Token
 from router.validation import ValidRequest
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -51,19 +56,40 @@ class Entry:
     adapter_index: int
     events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
     queued_at: float = field(default_factory=time.monotonic)
+    started_at: float | None = None  # when its HTTP request arrived (before validation), if known
     batched_at: float | None = None
+    finished_at: float | None = None
+    skipped_tokens: int = 0
     cancelled: bool = False  # the client went away: leave the queue or the batch at the next step
-    finished: bool = False  # the final event was sent
+    finished: bool = False  # the final event was sent, or nobody listens any more
+    on_final: Callable[[Entry, Event | None], None] | None = None  # called once: final event, None if abandoned
 
     def send(self, event: Event) -> None:
         if self.finished:
             return
         self.events.put_nowait(event)
+        if isinstance(event, (TokenEvent, EndEvent)) and event.token.skipped:
+            self.skipped_tokens += 1
         if isinstance(event, (EndEvent, ErrorEvent)):
-            self.finished = True
+            self._finish(event)
 
     def fail(self, error: InferError) -> None:
         self.send(ErrorEvent(error))
+
+    def cancel(self) -> None:
+        """The handler stops listening (answered, or its client left): an unfinished entry is abandoned."""
+        self.cancelled = True
+        if not self.finished:
+            self._finish(None)
+
+    def _finish(self, event: Event | None) -> None:
+        self.finished = True
+        self.finished_at = time.monotonic()
+        if self.on_final is not None:
+            try:
+                self.on_final(self, event)
+            except Exception:  # recording an outcome must never fail the request or its batch
+                logger.exception("recording the outcome of request %d failed", self.id)
 
     @property
     def dropped(self) -> bool:

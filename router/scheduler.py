@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from router.errors import GenerationError
+from router.metrics import Metrics
 from router.queue import AdapterQueues, Entry
 from router.validation import BASE_MODEL_ID, AdapterSpec, ValidRequest
 
@@ -62,6 +63,7 @@ class Scheduler:
         on_change: Callable[[], None] = lambda: None,
         preloaded: Mapping[tuple, int] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        metrics: Metrics | None = None,
     ) -> None:
         if max_active_adapters < 1:
             raise ValueError("max_active_adapters must be >= 1")
@@ -71,6 +73,7 @@ class Scheduler:
         self._cycle_s = adapter_cycle_time_s
         self._on_change = on_change
         self._clock = clock
+        self._metrics = metrics or Metrics()
         self._indices: dict[tuple, int] = {BASE_MODEL_KEY: 0, **(preloaded or {})}
         self._adapters: dict[int, Adapter] = {}
         self._pending: deque[Adapter] = deque()
@@ -205,11 +208,14 @@ class Scheduler:
         return self._adapters.get(adapter.index) is adapter
 
     async def _download(self, adapter: Adapter) -> None:
+        started = time.monotonic()
         try:
             cost = await self._client.download_adapter(adapter.spec)
         except Exception as error:  # any failure is this adapter's failure, reported to its requests
+            self._metrics.inc("request_failure", err="download_adapter")
             self._fail(adapter, str(error))
             return
+        self._metrics.adapter_step(adapter.spec, "download", time.monotonic() - started)
         if self._current(adapter):
             adapter.cost = max(cost, 0.0)
             adapter.status = AdapterStatus.DOWNLOADED
@@ -222,15 +228,18 @@ class Scheduler:
         """
         if after:
             await asyncio.wait(after)
+        step = "load"
         try:
             async with adapter.lock:
                 while self._current(adapter) and adapter.active != adapter.loaded:
-                    if adapter.active:
-                        await self._client.load_adapter(adapter.spec, adapter.index)
-                    else:
-                        await self._client.offload_adapter(adapter.spec, adapter.index)
+                    step = "load" if adapter.active else "offload"
+                    call = self._client.load_adapter if adapter.active else self._client.offload_adapter
+                    started = time.monotonic()
+                    await call(adapter.spec, adapter.index)
+                    self._metrics.adapter_step(adapter.spec, step, time.monotonic() - started)
                     adapter.loaded = not adapter.loaded
         except Exception as error:
+            self._metrics.inc("request_failure", err=f"{step}_adapter")
             self._fail(adapter, str(error))
             return
         if self._current(adapter) and adapter.active and adapter.loaded:
