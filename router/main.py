@@ -27,6 +27,7 @@ from router.app import AppConfig, create_app
 from router.batching import BatchingConfig, BatchingLoop
 from router.infer import Infer
 from router.metrics import Metrics
+from router.model_tokenizer import ModelTokenizer
 from router.scheduler import Scheduler
 from router.schemas import Info
 from router.shards import ShardedClient, ShardError
@@ -234,7 +235,8 @@ async def build_router(args: argparse.Namespace, tokenizer: Tokenizer, client: S
         validation_workers=args.validation_workers,
     )
     config = AppConfig(
-        info=info, default_adapter_source=args.adapter_source, cors_allow_origins=tuple(args.cors_allow_origin)
+        info=info, default_adapter_source=args.adapter_source, cors_allow_origins=tuple(args.cors_allow_origin),
+        tokenizer=ModelTokenizer.load(tokenizer, args.tokenizer_name, args.revision),
     )
     return Router(create_app(infer, client.health, config, metrics), scheduler, batching, tokenizers, tracer)
 

@@ -15,10 +15,11 @@ U32 = 2**32
 U64 = 2**64
 
 
-class _Lenient(BaseModel):
+class LenientModel(BaseModel):
     """Base for request bodies: nulls fall back to defaults, unknown keys are ignored."""
 
-    model_config = ConfigDict(extra="ignore")
+    # NaN/Infinity (which Python's JSON parser accepts) would slip past every bounds check.
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     @model_validator(mode="before")
     @classmethod
@@ -28,7 +29,7 @@ class _Lenient(BaseModel):
         return data
 
 
-class MergedAdapters(_Lenient):
+class MergedAdapters(LenientModel):
     ids: list[str] = Field(default_factory=list)
     weights: list[float] = Field(default_factory=list)
     merge_strategy: Literal["linear", "ties", "dare_linear", "dare_ties"] = "linear"
@@ -36,13 +37,13 @@ class MergedAdapters(_Lenient):
     majority_sign_method: Literal["total", "frequency"] = "total"
 
 
-class ResponseFormat(_Lenient):
+class ResponseFormat(LenientModel):
     type: Literal["text", "json_object", "json_schema"] = "json_object"
     # `schema` shadows a BaseModel attribute, hence the alias.
     json_schema_: Any = Field(default=None, alias="schema")
 
 
-class GenerateParameters(_Lenient):
+class GenerateParameters(LenientModel):
     adapter_id: str | None = None
     adapter_source: str | None = None
     merged_adapters: MergedAdapters | None = None
@@ -52,7 +53,7 @@ class GenerateParameters(_Lenient):
     repetition_penalty: float | None = None
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
-    top_k: int | None = None
+    top_k: int | None = Field(default=None, lt=U32)
     top_p: float | None = None
     typical_p: float | None = None
     do_sample: bool = False
@@ -64,12 +65,12 @@ class GenerateParameters(_Lenient):
     watermark: bool = False
     details: bool = False
     decoder_input_details: bool = False
-    return_k_alternatives: int | None = None
+    return_k_alternatives: int | None = Field(default=None, lt=U32)
     seed: int | None = Field(default=None, ge=0, lt=U64)
     response_format: ResponseFormat | None = None
 
 
-class GenerateRequest(_Lenient):
+class GenerateRequest(LenientModel):
     inputs: str
     parameters: GenerateParameters = Field(default_factory=GenerateParameters)
 
@@ -78,13 +79,14 @@ class CompatGenerateRequest(GenerateRequest):
     stream: bool = False
 
 
-class _OmitWhenNone(BaseModel):
+class OmitWhenNone(BaseModel):
     """Response base: keys listed in `_omit_when_none` are left out instead of being serialized as null."""
 
     _omit_when_none: ClassVar[frozenset[str]] = frozenset()
 
+    # No return annotation: with one, pydantic would document every response as a bare object.
     @model_serializer(mode="wrap")
-    def _omit(self, handler: Any) -> dict[str, Any]:
+    def _omit(self, handler: Any):
         data = handler(self)
         for key in self._omit_when_none:
             if data.get(key) is None:
@@ -98,7 +100,7 @@ class AlternativeToken(BaseModel):
     logprob: float | None
 
 
-class Token(_OmitWhenNone):
+class Token(OmitWhenNone):
     _omit_when_none = frozenset({"alternative_tokens"})
 
     id: int
@@ -127,7 +129,7 @@ class BestOfSequence(BaseModel):
     tokens: list[Token]
 
 
-class Details(_OmitWhenNone):
+class Details(OmitWhenNone):
     _omit_when_none = frozenset({"best_of_sequences"})
 
     finish_reason: FinishReason
@@ -140,7 +142,7 @@ class Details(_OmitWhenNone):
     best_of_sequences: list[BestOfSequence] | None = None
 
 
-class GenerateResponse(_OmitWhenNone):
+class GenerateResponse(OmitWhenNone):
     _omit_when_none = frozenset({"details"})
 
     generated_text: str
@@ -187,3 +189,17 @@ class Info(BaseModel):
     sha: str | None = None
     docker_label: str | None = None
     request_logger_url: str | None = None
+
+
+class TokenizeRequest(LenientModel):
+    inputs: str
+    add_special_tokens: bool = True
+
+
+class SimpleToken(BaseModel):
+    """One token of `/tokenize`: its id, its vocabulary string and its character offsets in the input."""
+
+    id: int
+    text: str
+    start: int
+    stop: int
