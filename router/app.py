@@ -16,6 +16,7 @@ import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Protocol, TypeVar
 
 from fastapi import FastAPI, Request
@@ -23,6 +24,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
 from router import openai, openapi_doc, responses
@@ -199,6 +201,13 @@ def create_app(
     @app.exception_handler(InferError)
     async def infer_error(_: Request, error: InferError) -> Response:
         return JSONResponse(error.body(), status_code=error.status_code)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, error: StarletteHTTPException) -> Response:
+        """Unknown paths (404) and methods (405) answer in the same shape as every other error."""
+        error_type = HTTPStatus(error.status_code).phrase.lower().replace(" ", "_")
+        body = {"error": str(error.detail), "error_type": error_type}
+        return JSONResponse(body, status_code=error.status_code, headers=error.headers)
 
     @app.exception_handler(Exception)
     async def unexpected_error(_: Request, error: Exception) -> Response:

@@ -318,6 +318,11 @@ def test_bad_requests_are_4xx_json(tmp_path):
                     reply = await stack.http.post(path, json=body)
                     assert reply.status_code == 422, (path, body, reply.text)
                     assert set(reply.json()) == {"error", "error_type"}
+            missing = await stack.http.get("/v1/nothing-here")
+            assert missing.status_code == 404 and missing.json() == {"error": "Not Found", "error_type": "not_found"}
+            wrong = await stack.http.request("TRACE", "/v1/completions")
+            assert wrong.status_code == 405 and wrong.json()["error_type"] == "method_not_allowed"
+            assert wrong.headers["allow"] == "POST"
             nan = await stack.http.post("/v1/completions", content=b'{"model": "", "prompt": "w1", "temperature": NaN}',
                                         headers={"content-type": "application/json"})
             assert nan.status_code == 422
