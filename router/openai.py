@@ -81,14 +81,14 @@ def _parameters(body: SamplingRequest, base_model: str, sequences: int, **extra:
 
 
 def completion_parameters(body: CompletionRequest, base_model: str) -> GenerateParameters:
-    """`logprobs` asks for that many alternatives per token; with `echo`, the prompt's logprobs too."""
+    """`logprobs` asks for that many alternatives per token; with `echo`, the prompt's logprobs too (not streamed)."""
     return _parameters(
         body,
         base_model,
         sequences=max(body.n, body.best_of or 1),
         max_new_tokens=body.max_tokens,
         return_k_alternatives=body.logprobs or None,
-        decoder_input_details=body.echo and body.logprobs is not None,
+        decoder_input_details=body.echo and body.logprobs is not None and not body.stream,
         response_format=_response_format(body.response_format),
     )
 

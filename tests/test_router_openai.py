@@ -126,6 +126,14 @@ def test_completion_stream_adds_up_to_the_text(tmp_path):
             assert [c["choices"][0]["finish_reason"] for c in chunks] == [None, None, None, "length"]
             assert [c["usage"] for c in chunks[:-1]] == [None] * 3
             assert chunks[-1]["usage"] == {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
+            # echo streams the prompt first; logprobs come with each generated token
+            echoed = await stack.http.post("/v1/completions", json={**request, "echo": True, "logprobs": 1})
+            chunks = stream_chunks(echoed.text)
+            assert chunks[0]["choices"][0]["text"] == words(3) and chunks[0]["choices"][0]["logprobs"] is None
+            assert "".join(c["choices"][0]["text"] for c in chunks) == words(3) + expected["generated_text"]
+            assert [c["choices"][0]["logprobs"]["tokens"] for c in chunks[1:]] == [
+                [t["text"]] for t in expected["details"]["tokens"]
+            ]
 
     run(scenario())
 
