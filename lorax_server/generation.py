@@ -200,7 +200,7 @@ class Generator:
     def _incremental_texts(self, requests: list[RequestState], new_ids: list[int]) -> list[str]:
         """Text each new token adds, decoding a short window so multi-byte characters come out whole."""
         windows = [r.ids[r.prefix_offset : r.read_offset] for r in requests]
-        extended = [r.ids[r.prefix_offset : r.read_offset] + [t] for r, t in zip(requests, new_ids)]
+        extended = [r.ids[r.prefix_offset :] + [t] for r, t in zip(requests, new_ids)]  # held-back tokens too
         before = self.tokenizer.batch_decode(windows, skip_special_tokens=False, clean_up_tokenization_spaces=False)
         after = self.tokenizer.batch_decode(extended, skip_special_tokens=False, clean_up_tokenization_spaces=False)
         texts = []

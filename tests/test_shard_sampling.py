@@ -114,8 +114,34 @@ def test_length_stop_and_generated_text(generator):
     assert final.finish_reason == pb.FINISH_REASON_LENGTH and final.generated_tokens == 5
     ids = [s.next_tokens.ids[0] for s in steps]
     assert final.text == generator.tokenizer.decode(ids, skip_special_tokens=True)
-    # streamed pieces add up to the text, except bytes that never complete a UTF-8 character
-    assert "".join(s.next_tokens.texts[0] for s in steps) == generator.tokenizer.decode(ids).replace("\ufffd", "")
+    # streamed pieces add up to the text, except trailing bytes that never complete a UTF-8 character
+    assert "".join(s.next_tokens.texts[0] for s in steps) == generator.tokenizer.decode(ids).rstrip("\ufffd")
+
+
+def byte_level_tokens(tok) -> dict[int, int]:
+    """Token id of each single byte in a byte-level BPE vocabulary (GPT-2's byte -> character table)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0x100)]
+    others = [b for b in range(256) if b not in printable]
+    chars = {b: chr(b) for b in printable} | {b: chr(256 + i) for i, b in enumerate(others)}
+    return {b: tok.convert_tokens_to_ids(c) for b, c in chars.items()}
+
+
+def test_streamed_text_keeps_characters_split_across_tokens(generator):
+    """Bytes of one character arrive as separate tokens: held back until complete, then emitted, never lost."""
+    from types import SimpleNamespace
+
+    tok = generator.tokenizer
+    byte_token = byte_level_tokens(tok)
+    # a 2-byte and a 4-byte character, then a lone continuation byte that never completes one
+    new_ids = [byte_token[b] for b in "é😀a".encode() + b"\x80" + b"b"]
+    prompt = tok("Hello")["input_ids"]
+    request = SimpleNamespace(ids=list(prompt), prefix_offset=max(len(prompt) - 5, 0), read_offset=len(prompt))
+    pieces = []
+    for token in new_ids:
+        pieces.append(generator._incremental_texts([request], [token])[0])
+        request.ids.append(token)
+    assert pieces == ["", "é", "", "", "", "😀", "a", "", "\ufffdb"]
+    assert "".join(pieces) == tok.decode(new_ids)
 
 
 def test_stop_sequence_ends_generation(generator):
