@@ -1,4 +1,4 @@
-"""A side virtual environment holding the real HTTP clients (tests/client-requirements.txt), and a way to run code in it.
+"""A side virtual environment with the real HTTP clients (tests/client-requirements.txt), and a way to run code in it.
 
 The clients pin `huggingface_hub<1.0`, which the server's own environment cannot satisfy, so they live in
 `<repo>/.cache/client-venv/<key>`: built once from PyPI, keyed by the requirements file and the Python version, and

@@ -6,6 +6,9 @@ parameters, so a client that parses a wrong answer without complaint still fails
 """
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,13 +16,21 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.client_venv import client_venv, run_in_venv
+from tests.client_venv import client_venv, run_in_venv, venv_bin
 from tests.e2e import Launcher
 from tests.tiny_models import make_adapter, make_model
 
 pytestmark = pytest.mark.e2e
 
 PROMPT = "What is the capital of France?"
+MESSAGES = [{"role": "user", "content": "What is the capital"}]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+OPENAI_FINISH = {"length": "length", "eos_token": "stop", "stop_sequence": "stop"}
+CHECKS = Path(__file__).with_name("schemathesis_checks.py")
+FUZZED = ("/", "/generate", "/generate_stream", "/v1/completions", "/v1/chat/completions")
 
 
 @dataclass(frozen=True)
@@ -44,6 +55,8 @@ def served(tmp_path_factory) -> Served:
     base = work / "base"
     model = make_model("llama", base)
     adapter = make_adapter(model, work / "adapter", 1, 8, 16, ["q_proj", "v_proj"])
+    config_path = base / "tokenizer_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "chat_template": CHAT_TEMPLATE}))
     launcher = Launcher(str(base), work, "--max-input-length", "64", "--max-total-tokens", "128",
                         "--max-batch-prefill-tokens", "256", "--adapter-source", "local")
     try:
@@ -68,6 +81,12 @@ def ids(tokens: list[dict]) -> list[int]:
 
 def mean_logprob(tokens: list[dict]) -> float:
     return sum(t["logprob"] for t in tokens) / len(tokens)
+
+
+def check_streamed_text(pieces: list[str], final: str) -> None:
+    """Streamed texts add up to the final text, but for a trailing incomplete UTF-8 sequence (its "\ufffd")."""
+    joined = "".join(pieces)
+    assert final.startswith(joined) and set(final[len(joined):]) <= {"\ufffd"}, (joined, final)
 
 
 def error_of(outcome: dict) -> tuple[str, str]:
@@ -128,6 +147,7 @@ def test_lorax_client_generate_stream(served):
     assert [e["token"]["id"] for e in events] == ids(expected["details"]["tokens"])
     assert all(e["generated_text"] is None for e in events[:-1])
     assert events[-1]["generated_text"] == expected["generated_text"]
+    check_streamed_text([e["token"]["text"] for e in events], expected["generated_text"])
     details = events[-1]["details"]
     assert (details["finish_reason"], details["generated_tokens"]) == ("length", 8)
     assert details["prompt_tokens"] == expected["details"]["prompt_tokens"]
@@ -182,12 +202,159 @@ def test_text_generation_client(served):
     assert sync["generated_text"] == expected["generated_text"]
     assert ids(details["tokens"]) == ids(expected["details"]["tokens"])
     assert details["generated_tokens"] == expected["details"]["generated_tokens"] == len(details["tokens"])
-    prefill = details["prefill"]
-    assert ids(prefill) == ids(expected["details"]["prefill"])
+    prefill, expected_prefill = details["prefill"], expected["details"]["prefill"]
+    assert ids(prefill) == ids(expected_prefill)
     assert len(prefill) == expected["details"]["prompt_tokens"] and prefill[0]["logprob"] is None
-    assert [t["logprob"] for t in prefill[1:]] == pytest.approx([t["logprob"] for t in expected["details"]["prefill"][1:]])
+    assert [t["logprob"] for t in prefill[1:]] == pytest.approx([t["logprob"] for t in expected_prefill[1:]])
 
     stream = got["stream"]
     assert [e["token"]["id"] for e in stream] == ids(expected["details"]["tokens"])
     assert stream[-1]["generated_text"] == expected["generated_text"]
+    check_streamed_text([e["token"]["text"] for e in stream], expected["generated_text"])
     assert stream[-1]["details"]["generated_tokens"] == len(stream)
+
+
+# ------------------------------------------------------------------------------------------------------------ openai
+
+OPENAI_COMPLETIONS = """
+from openai import OpenAI
+client = OpenAI(base_url=ARGS["url"] + "/v1", api_key="unused", max_retries=0, timeout=120)
+out = {}
+for name in ("model", "adapter"):
+    request = dict(model=ARGS[name], prompt=ARGS["prompt"], max_tokens=8, temperature=0)
+    out[name] = client.completions.create(**request).model_dump(mode="json")
+    out[name + "_stream"] = [c.model_dump(mode="json") for c in client.completions.create(stream=True, **request)]
+emit(out)
+"""
+
+
+def check_usage(usage: dict, expected: dict) -> None:
+    assert usage["prompt_tokens"] == expected["details"]["prompt_tokens"]
+    assert usage["completion_tokens"] == expected["details"]["generated_tokens"]
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+
+def test_openai_completions(served):
+    """`model` is the base model id or an adapter id; text, usage and finish reason agree with `/generate`."""
+    got = served.run(OPENAI_COMPLETIONS)
+    for name, params in (("model", {}), ("adapter", {"adapter_id": served.adapter})):
+        expected = generate(served, max_new_tokens=8, **params)
+        finish = OPENAI_FINISH[expected["details"]["finish_reason"]]
+        completion = got[name]
+        assert completion["object"] == "text_completion" and completion["id"] not in ("", "null")
+        (choice,) = completion["choices"]
+        assert (choice["text"], choice["finish_reason"]) == (expected["generated_text"], finish)
+        check_usage(completion["usage"], expected)
+
+        chunks = got[name + "_stream"]
+        check_streamed_text([c["choices"][0]["text"] for c in chunks], expected["generated_text"])
+        assert [c["choices"][0]["finish_reason"] for c in chunks[:-1]] == [None] * (len(chunks) - 1)
+        assert chunks[-1]["choices"][0]["finish_reason"] == finish
+        check_usage(chunks[-1]["usage"], expected)
+    assert got["model"]["choices"][0]["text"] != got["adapter"]["choices"][0]["text"]
+
+
+OPENAI_CHAT = """
+from openai import OpenAI
+client = OpenAI(base_url=ARGS["url"] + "/v1", api_key="unused", max_retries=0, timeout=120)
+def chat(**params):
+    return client.chat.completions.create(messages=ARGS["messages"], max_tokens=8, **params)
+out = {}
+for name in ("model", "adapter"):
+    out[name] = chat(model=ARGS[name], temperature=0).model_dump(mode="json")
+    out[name + "_stream"] = [c.model_dump(mode="json") for c in chat(model=ARGS[name], temperature=0, stream=True)]
+out["seeded"] = [chat(model=ARGS["model"], temperature=0.8, seed=7).model_dump(mode="json") for _ in range(2)]
+out["n2"] = chat(model=ARGS["model"], temperature=0.8, n=2).model_dump(mode="json")
+emit(out)
+"""
+
+
+def chat_prompt(served: Served) -> str:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(served.base)
+    return tokenizer.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
+
+
+def test_openai_chat_completions(served):
+    """Chat answers equal `/generate` on the prompt rendered by the model's chat template, sync and streamed."""
+    got = served.run(OPENAI_CHAT, messages=MESSAGES)
+    prompt = chat_prompt(served)
+    for name, params in (("model", {}), ("adapter", {"adapter_id": served.adapter})):
+        expected = generate(served, prompt, max_new_tokens=8, **params)
+        finish = OPENAI_FINISH[expected["details"]["finish_reason"]]
+        completion = got[name]
+        assert completion["object"] == "chat.completion" and completion["id"] not in ("", "null")
+        (choice,) = completion["choices"]
+        assert choice["message"]["role"] == "assistant"
+        assert (choice["message"]["content"], choice["finish_reason"]) == (expected["generated_text"], finish)
+        check_usage(completion["usage"], expected)
+
+        chunks = got[name + "_stream"]
+        assert {c["object"] for c in chunks} == {"chat.completion.chunk"}
+        check_streamed_text([c["choices"][0]["delta"].get("content") or "" for c in chunks], expected["generated_text"])
+        assert chunks[-1]["choices"][0]["finish_reason"] == finish
+        check_usage(chunks[-1]["usage"], expected)
+
+    first, second = (c["choices"][0]["message"]["content"] for c in got["seeded"])
+    sampled = generate(served, prompt, max_new_tokens=8, do_sample=True, temperature=0.8, seed=7)
+    assert first == second == sampled["generated_text"]
+    assert [c["index"] for c in got["n2"]["choices"]] == [0, 1]
+
+
+OPENAI_ERRORS = """
+import openai
+client = openai.OpenAI(base_url=ARGS["url"] + "/v1", api_key="unused", max_retries=0, timeout=120)
+calls = {
+    "completions": lambda: client.completions.create(model=ARGS["model"], prompt=ARGS["prompt"], max_tokens=500),
+    "chat": lambda: client.chat.completions.create(model=ARGS["model"], messages=ARGS["messages"], max_tokens=500),
+}
+outcomes = {}
+for name, call in calls.items():
+    try:
+        call()
+        outcomes[name] = {"type": None, "status": 200, "body": None}
+    except openai.APIStatusError as error:  # `body` is the payload's "error" member: LoRAX's message string
+        outcomes[name] = {"type": type(error).__name__, "status": error.status_code, "body": error.body}
+emit(outcomes)
+"""
+
+
+def test_openai_validation_errors(served):
+    got = served.run(OPENAI_ERRORS, messages=MESSAGES)
+    for name in ("completions", "chat"):
+        assert (got[name]["type"], got[name]["status"]) == ("UnprocessableEntityError", 422), got[name]
+        assert got[name]["body"].startswith("Input validation error: `inputs` tokens + `max_new_tokens` must be <= 128")
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_openai_streams_end_with_done(served, path):
+    body = {"model": served.model_id, "max_tokens": 4, "stream": True}
+    body.update({"prompt": PROMPT} if path == "/v1/completions" else {"messages": MESSAGES})
+    with httpx.stream("POST", served.url + path, json=body, timeout=120) as response:
+        assert response.status_code == 200
+        data = [line[len("data:"):].strip() for line in response.iter_lines() if line.startswith("data:")]
+    assert data[-1] == "[DONE]" and len(data) >= 2
+    assert all(isinstance(json.loads(chunk), dict) for chunk in data[:-1])
+
+
+# ------------------------------------------------------------------------------------------------------ schemathesis
+
+def test_schemathesis_generate_and_openai_routes(served, tmp_path):
+    """Fuzz the documented generate and OpenAI routes: no 5xx, and every error (body or SSE event) has LoRAX's shape."""
+    spec = httpx.get(served.url + "/openapi.json", timeout=30).json()
+    assert all("post" in spec["paths"].get(path, {}) for path in FUZZED), sorted(spec["paths"])
+    command = [
+        venv_bin(served.venv, "schemathesis"), "run", served.url + "/openapi.json",
+        "--include-path-regex", "^/(generate|generate_stream|v1/completions|v1/chat/completions)?$",
+        "--exclude-method", "GET", "--checks", "not_a_server_error,lorax_error_shape",
+        "--max-examples", "25", "--seed", "1", "--workers", "1", "--request-timeout", "60", "--continue-on-failure",
+        "--report", "har", "--report-har-path", str(tmp_path / "run.har"),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=150, cwd=tmp_path,
+                            env={**os.environ, "SCHEMATHESIS_HOOKS": str(CHECKS), "NO_COLOR": "1"})
+    assert result.returncode == 0, result.stdout[-12000:] + result.stderr[-2000:]
+    entries = json.loads((tmp_path / "run.har").read_text())["log"]["entries"]
+    answered = {httpx.URL(e["request"]["url"]).path for e in entries
+                if e["request"]["method"] == "POST" and e["response"]["status"] == 200}
+    assert answered == set(FUZZED)  # every route really generated for some fuzzed input
