@@ -164,30 +164,32 @@ class LoraxService(generate_pb2_grpc.LoraxServiceServicer):
     async def DownloadAdapter(self, request, context):
         key = AdapterKey.from_pb(request.adapter_parameters, request.adapter_source)
         if key.is_base:
-            return generate_pb2.DownloadAdapterResponse(downloaded=False)
+            return generate_pb2.DownloadAdapterResponse(downloaded=False, memory=self.generator.adapters.memory())
         token = request.api_token if request.HasField("api_token") else None
         registry = self.generator.adapters
         weights = await asyncio.to_thread(registry.fetch, key, token)  # network/disk: off the model thread
-        return generate_pb2.DownloadAdapterResponse(downloaded=True, memory_fraction=registry.memory_fraction(weights))
+        return generate_pb2.DownloadAdapterResponse(
+            downloaded=True, memory_fraction=registry.memory_fraction(weights), memory=registry.memory()
+        )
 
     @_rpc
     async def LoadAdapter(self, request, context):
         key = AdapterKey.from_pb(request.adapter_parameters, request.adapter_source)
         if key.is_base:
-            return generate_pb2.LoadAdapterResponse(loaded=False)
+            return generate_pb2.LoadAdapterResponse(loaded=False, memory=self.generator.adapters.memory())
         token = request.api_token if request.HasField("api_token") else None
         registry = self.generator.adapters
         await asyncio.to_thread(registry.fetch, key, token)
         await self._run(registry.load, key, request.adapter_index, token)
-        return generate_pb2.LoadAdapterResponse(loaded=True)
+        return generate_pb2.LoadAdapterResponse(loaded=True, memory=registry.memory())
 
     @_rpc
     async def OffloadAdapter(self, request, context):
         key = AdapterKey.from_pb(request.adapter_parameters, request.adapter_source)
         if key.is_base or request.adapter_index == 0:  # index 0 is the base model or the static adapter
-            return generate_pb2.OffloadAdapterResponse(offloaded=False)
+            return generate_pb2.OffloadAdapterResponse(offloaded=False, memory=self.generator.adapters.memory())
         offloaded = await self._run(self.generator.adapters.offload, request.adapter_index)
-        return generate_pb2.OffloadAdapterResponse(offloaded=offloaded)
+        return generate_pb2.OffloadAdapterResponse(offloaded=offloaded, memory=self.generator.adapters.memory())
 
 
 async def serve(service: LoraxService, socket_path: str) -> None:

@@ -189,6 +189,7 @@ async def build_router(args: argparse.Namespace, tokenizer: Tokenizer, client: S
     }
     batching: BatchingLoop
     metrics = Metrics(args.max_input_length, args.max_total_tokens)
+    metrics.adapter_tiers(lambda: client.adapter_memory)
     scheduler = Scheduler(
         client,
         max_active_adapters=args.max_active_adapters,

@@ -78,6 +78,8 @@ class Metrics:
         counter("adapter_generated_tokens", "Tokens generated per adapter", "adapter")
         summary("adapter_queue_duration", "Queue time of the adapter's requests, seconds", "adapter")
         summary("adapter_load_duration", "Adapter download/load/offload RPC time, seconds", "adapter", "phase")
+        gauge("adapter_tier_adapters", "Adapters held per tier (device, host memory, disk cache)", "tier")
+        gauge("adapter_tier_bytes", "Adapter weight bytes per tier (device and host summed over shards)", "tier")
 
     # ---- definitions ------------------------------------------------------------------------------------------------
 
@@ -90,8 +92,8 @@ class Metrics:
     def _histogram(self, name: str, doc: str, buckets: list[float], *labels: str) -> None:
         self._add(name, Histogram(PREFIX + name, doc, labels, buckets=buckets, registry=self.registry))
 
-    def _gauge(self, name: str, doc: str) -> None:
-        self._add(name, Gauge(PREFIX + name, doc, registry=self.registry))
+    def _gauge(self, name: str, doc: str, *labels: str) -> None:
+        self._add(name, Gauge(PREFIX + name, doc, labels, registry=self.registry))
 
     def _summary(self, name: str, doc: str, *labels: str) -> None:
         self._add(name, Summary(PREFIX + name, doc, labels, registry=self.registry))
@@ -114,6 +116,12 @@ class Metrics:
     def gauge(self, name: str, read: Callable[[], float]) -> None:
         """Read this gauge from `read` at every scrape."""
         self._metrics[name].set_function(read)
+
+    def adapter_tiers(self, read: Callable[[], dict[str, tuple[int, int]]]) -> None:
+        """Read the adapter tiers ({tier: (adapters, bytes)}) at every scrape."""
+        for tier in ("device", "host", "disk"):
+            self._metrics["adapter_tier_adapters"].labels(tier=tier).set_function(lambda t=tier: read()[t][0])
+            self._metrics["adapter_tier_bytes"].labels(tier=tier).set_function(lambda t=tier: read()[t][1])
 
     def validated(self, input_length: int, max_new_tokens: int, seconds: float) -> None:
         self.observe("request_validation_duration", seconds)

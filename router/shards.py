@@ -63,6 +63,8 @@ class ShardedClient:
             raise ValueError("at least one shard is needed")
         self._channels = channels
         self._stubs = [generate_pb2_grpc.LoraxServiceStub(channel) for channel in channels]
+        # tier -> (adapters, bytes), from the shards' latest adapter RPC replies
+        self.adapter_memory: dict[str, tuple[int, int]] = {tier: (0, 0) for tier in ("device", "host", "disk")}
 
     @classmethod
     async def connect(cls, master_uds_path: str, timeout_s: float = 60.0) -> ShardedClient:
@@ -128,7 +130,9 @@ class ShardedClient:
         request = generate_pb2.DownloadAdapterRequest(
             adapter_parameters=adapter_parameters(spec), adapter_source=adapter_source(spec), api_token=spec.api_token
         )
-        return (await _call(self._stubs[0].DownloadAdapter(request))).memory_fraction
+        reply = await _call(self._stubs[0].DownloadAdapter(request))
+        self._note_memory([reply.memory], disk_only=True)
+        return reply.memory_fraction
 
     async def load_adapter(self, spec: AdapterSpec, index: int) -> None:
         request = generate_pb2.LoadAdapterRequest(
@@ -137,13 +141,21 @@ class ShardedClient:
             adapter_index=index,
             api_token=spec.api_token,
         )
-        await self._all(lambda s: s.LoadAdapter(request))
+        self._note_memory([reply.memory for reply in await self._all(lambda s: s.LoadAdapter(request))])
 
     async def offload_adapter(self, spec: AdapterSpec, index: int) -> None:
         request = generate_pb2.OffloadAdapterRequest(
             adapter_parameters=adapter_parameters(spec), adapter_source=adapter_source(spec), adapter_index=index
         )
-        await self._all(lambda s: s.OffloadAdapter(request))
+        self._note_memory([reply.memory for reply in await self._all(lambda s: s.OffloadAdapter(request))])
+
+    def _note_memory(self, reports: list[generate_pb2.AdapterMemory], disk_only: bool = False) -> None:
+        """Keep the latest adapter tier report: device and host summed over shards, disk from shard 0 (one disk)."""
+        first = reports[0]
+        self.adapter_memory["disk"] = (first.disk_adapters, first.disk_bytes)
+        if not disk_only:
+            self.adapter_memory["device"] = (first.device_adapters, sum(r.device_bytes for r in reports))
+            self.adapter_memory["host"] = (first.host_adapters, sum(r.host_bytes for r in reports))
 
 
 def _generations(replies: list) -> tuple[list[generate_pb2.Generation], generate_pb2.CachedBatch | None]:

@@ -81,6 +81,21 @@ def test_stream_compat_health_info(served):
     assert info["max_input_length"] == 64 and info["max_total_tokens"] == 128
 
 
+def test_metrics_report_adapter_tiers(served):
+    launcher, _, adapters, _ = served
+    for adapter in adapters:
+        assert generate(launcher.url, "Hello", adapter_id=str(adapter), adapter_source="local").status_code == 200
+    metrics = httpx.get(launcher.url + "/metrics", headers={"accept": "application/json"}).json()
+
+    def tier(name: str, which: str) -> float:
+        return next(d["value"] for d in metrics[f"lorax_adapter_tier_{name}"]["data"] if f'tier="{which}"' in d["key"])
+
+    assert tier("adapters", "device") == tier("adapters", "host") == tier("adapters", "disk") == 2
+    on_disk = sum(f.stat().st_size for a in adapters for f in a.glob("adapter_model*"))
+    assert tier("bytes", "disk") == on_disk
+    assert tier("bytes", "device") == tier("bytes", "host") > 0
+
+
 def test_validation_and_bad_adapter_do_not_hurt_others(served):
     launcher, _, adapters, work = served
     bad = generate(launcher.url, "Hello", temperature=-1)
