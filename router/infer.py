@@ -54,6 +54,7 @@ class GenerationResult:
     prefill: list[PrefillToken]
     queued_at: float
     batched_at: float
+    first_token_at: float
     finished_at: float = field(default_factory=time.monotonic)
 
     @property
@@ -153,9 +154,12 @@ async def collect(entry: Entry) -> GenerationResult:
     """Wait for an entry's End; raises its error. Cancelling the wait cancels the entry."""
     tokens: list[Token] = []
     prefill: list[PrefillToken] = []
+    first_token_at = None
     try:
         while True:
             event = await entry.events.get()
+            if first_token_at is None and isinstance(event, (TokenEvent, EndEvent)):
+                first_token_at = time.monotonic()
             if isinstance(event, PrefillEvent):
                 prefill = event.tokens
             elif isinstance(event, TokenEvent):
@@ -169,6 +173,7 @@ async def collect(entry: Entry) -> GenerationResult:
                     prefill=prefill,
                     queued_at=entry.queued_at,
                     batched_at=entry.batched_at or entry.queued_at,
+                    first_token_at=first_token_at,
                 )
             else:
                 raise event.error

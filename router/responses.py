@@ -117,6 +117,8 @@ def generate_headers(
         "x-queue-time": ms(best.batched_at - best.queued_at),
         "x-inference-time": ms(inference_s),
         "x-time-per-token": ms(inference_s / max(generated, 1)),
+        "x-time-to-first-token": ms(best.first_token_at - started_at),
+        "x-time-per-output-token": ms((best.finished_at - best.first_token_at) / max(generated - 1, 1)),
         "x-prompt-tokens": str(request.input_length),
         "x-generated-tokens": str(generated),
         "x-skipped-tokens": str(sum(token.skipped for token in best.tokens)),

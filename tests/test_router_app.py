@@ -49,6 +49,32 @@ def test_generate_with_details():
     run(scenario())
 
 
+TIMING_HEADERS = ("x-compute-time", "x-total-time", "x-validation-time", "x-queue-time", "x-inference-time",
+                  "x-time-per-token", "x-time-to-first-token", "x-time-per-output-token")
+
+
+def test_spec_headers_on_generate_and_openai_replies():
+    async def scenario():
+        async with router_stack(*LIMITS) as stack:
+            body = {"inputs": words(3), "parameters": {"max_new_tokens": 4}}
+            replies = [await stack.http.post("/generate", json=body),
+                       await stack.http.post("/v1/completions", json={"model": "", "prompt": words(3), "max_tokens": 4})]
+            for reply in replies:
+                assert reply.status_code == 200, reply.text
+                headers = reply.headers
+                assert headers["x-compute-type"] == "gpu+optimized"
+                assert headers["x-compute-characters"] == str(len(words(3)))
+                assert (headers["x-prompt-tokens"], headers["x-generated-tokens"], headers["x-total-tokens"]) == (
+                    "3", "4", "7")
+                assert headers["x-skipped-tokens"] == "0" and headers["x-model-id"] == "words"
+                times = {name: int(headers[name]) for name in TIMING_HEADERS}
+                assert all(value >= 0 for value in times.values())
+                assert times["x-time-to-first-token"] <= times["x-total-time"]
+                assert times["x-queue-time"] + times["x-inference-time"] <= times["x-total-time"] + 1
+
+    run(scenario())
+
+
 def test_prefill_details_full_text_seed_and_alternatives():
     async def scenario():
         async with router_stack(*LIMITS) as stack:
