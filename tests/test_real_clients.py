@@ -160,6 +160,7 @@ calls = {
     "too_long": lambda: client.generate(ARGS["prompt"], max_new_tokens=500),
     "too_long_stream": lambda: list(client.generate_stream(ARGS["prompt"], max_new_tokens=500)),
     "missing_adapter": lambda: client.generate(ARGS["prompt"], adapter_id=ARGS["missing"], max_new_tokens=2),
+    "missing_adapter_stream": lambda: list(client.generate_stream(ARGS["prompt"], adapter_id=ARGS["unicode"])),
 }
 outcomes = {}
 for name, call in calls.items():
@@ -174,13 +175,15 @@ emit(outcomes)
 
 def test_lorax_client_errors(served):
     """Server errors (a 422 body, a 200 stream's error event, a 424) become the client's typed exceptions."""
-    got = served.run(LORAX_ERRORS, missing=str(served.workdir / "no-such-adapter"))
+    missing, unicode = served.workdir / "no-such-adapter", served.workdir / "нет-адаптера"  # ids need not be latin-1
+    got = served.run(LORAX_ERRORS, missing=str(missing), unicode=str(unicode))
     too_long = "Input validation error: `inputs` tokens + `max_new_tokens` must be <= 128. Given: "
     for name in ("too_long", "too_long_stream"):
         kind, message = error_of(got[name])
         assert kind == "lorax.errors.ValidationError" and message.startswith(too_long), got[name]
-    kind, message = error_of(got["missing_adapter"])
-    assert kind == "lorax.errors.GenerationError" and "no-such-adapter" in message, got["missing_adapter"]
+    for name, adapter in (("missing_adapter", missing), ("missing_adapter_stream", unicode)):
+        kind, message = error_of(got[name])
+        assert kind == "lorax.errors.GenerationError" and adapter.name in message, got[name]
 
 
 # ------------------------------------------------ text-generation (Hugging Face; also posts to the root route `/`)
@@ -348,7 +351,7 @@ def test_schemathesis_generate_and_openai_routes(served, tmp_path):
         venv_bin(served.venv, "schemathesis"), "run", served.url + "/openapi.json",
         "--include-path-regex", "^/(generate|generate_stream|v1/completions|v1/chat/completions)?$",
         "--exclude-method", "GET", "--checks", "not_a_server_error,lorax_error_shape",
-        "--max-examples", "25", "--seed", "1", "--workers", "1", "--request-timeout", "60", "--continue-on-failure",
+        "--max-examples", "50", "--seed", "1", "--workers", "1", "--request-timeout", "60", "--continue-on-failure",
         "--report", "har", "--report-har-path", str(tmp_path / "run.har"),
     ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=150, cwd=tmp_path,
