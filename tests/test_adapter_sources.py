@@ -168,3 +168,25 @@ def test_memory_reports_each_tier(registry, tiny_model_dir, tmp_path):
     assert memory.host_bytes > first.nbytes
     registry.offload(1)
     assert (registry.memory().device_adapters, registry.memory().device_bytes) == (0, 0)
+
+
+@pytest.mark.parametrize("strategy", ["ties", "dare_ties"])
+def test_merges_under_tensor_parallel_are_slices_of_the_whole_merge(tiny_model_dir, tmp_path, monkeypatch, strategy):
+    """Pruning sees whole tensors, so each shard holds exactly its slice of the single-shard merge."""
+    from lorax_server.models import load_model
+
+    monkeypatch.setenv("LORAX_LOCAL_ADAPTER_ROOTS", str(tmp_path))
+    folder, model = tiny_model_dir
+    ids = tuple(str(make_adapter(model, tmp_path / f"m{i}", 20 + i, 8, 16, ["q_proj", "o_proj"])) for i in range(2))
+    key = AdapterKey(ids, "local", (0.6, 0.4), strategy, 0.5, "total")
+    from lorax_server.adapters.registry import AdapterRegistry
+
+    whole = AdapterRegistry(load_model(folder, None, torch.device("cpu"), Parallel()), torch.device("cpu")).fetch(key)
+    for rank in range(2):
+        sharded = load_model(folder, None, torch.device("cpu"), Parallel(rank, 2))
+        part = AdapterRegistry(sharded, torch.device("cpu")).fetch(key)
+        half_q, half_o = whole.modules["q_proj"][1].shape[-1] // 2, whole.modules["o_proj"][0].shape[1] // 2
+        assert torch.equal(part.modules["q_proj"][0], whole.modules["q_proj"][0])  # column-parallel: A whole
+        assert torch.equal(part.modules["q_proj"][1], whole.modules["q_proj"][1][:, :, rank * half_q:(rank + 1) * half_q])
+        assert torch.equal(part.modules["o_proj"][0], whole.modules["o_proj"][0][:, rank * half_o:(rank + 1) * half_o])
+        assert torch.equal(part.modules["o_proj"][1], whole.modules["o_proj"][1])  # row-parallel: B whole

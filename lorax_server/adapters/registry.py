@@ -14,7 +14,7 @@ import torch
 from lorax_server.adapters.config import AdapterError, read_config
 from lorax_server.adapters.merge import merge
 from lorax_server.adapters.sources import fetch_adapter
-from lorax_server.adapters.weights import LoraWeights, load_lora
+from lorax_server.adapters.weights import LoraWeights, load_lora, shard_lora
 from lorax_server.layers.lora import LoraBatch, stack_adapters
 from lorax_server.pb import generate_pb2
 
@@ -99,7 +99,7 @@ class AdapterRegistry:
             self.host.move_to_end(key)
             return self.host[key]
         if len(key.ids) == 1:
-            weights, _ = self._read_one(key.ids[0], key.source, api_token, trusted)
+            whole, _ = self._read_one(key.ids[0], key.source, api_token, trusted)
         else:
             if BASE_MODEL_ID in key.ids:
                 raise AdapterError("merged adapters cannot include the base model")
@@ -108,7 +108,8 @@ class AdapterRegistry:
                 raise AdapterError("number of adapter IDs must match number of adapter weights")
             merged = merge([w for w, _ in parts], list(key.weights), key.strategy, key.density, key.sign_method)
             first_scale = parts[0][1]
-            weights = LoraWeights(merged.rank, {m: (a, b * first_scale) for m, (a, b) in merged.modules.items()})
+            whole = LoraWeights(merged.rank, {m: (a, b * first_scale) for m, (a, b) in merged.modules.items()})
+        weights = shard_lora(whole, self.shapes)
         self.host[key] = weights
         while len(self.host) > self.host_capacity:
             self.host.popitem(last=False)

@@ -1,7 +1,9 @@
-"""Read a PEFT LoRA checkpoint into per-module stacks [layers, in, r] / [layers, r, out] for this rank.
+"""Read a PEFT LoRA checkpoint into per-module stacks [layers, in, r] / [layers, r, out], then take this rank's slice.
 
 The scale (alpha/r) is folded into B once at load time, so applying an adapter is two matmuls.
 Shapes are checked against the base model, so an adapter for another model is refused with the reason.
+Reading and slicing are separate steps so merges see whole tensors (TIES/DARE pruning must not depend on the
+number of shards).
 """
 from __future__ import annotations
 
@@ -75,7 +77,7 @@ def _read_tensors(folder: Path, adapter_id: str) -> dict[str, torch.Tensor]:
 def load_lora(
     folder: Path, adapter_id: str, scale: float, shapes: dict[str, ModuleShape], num_layers: int
 ) -> LoraWeights:
-    """This rank's slice of every module the adapter targets in all layers (CPU, float32), B times `scale`."""
+    """Every module the adapter targets in all layers, whole (CPU, float32), B times `scale`."""
     found: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
     unused = []
     for name, tensor in _read_tensors(folder, adapter_id).items():
@@ -107,13 +109,21 @@ def load_lora(
                 f"adapter '{adapter_id}': {module} LoRA shapes A{list(a.shape[1:])} B{list(b.shape[1:])} do not fit the "
                 f"base model ({shape.in_features} -> {shape.out_features} features)"
             )
-        a, b = a.transpose(1, 2), b.transpose(1, 2) * scale  # [L, in, r], [L, r, out]
-        if shape.split == "in":
-            a = a[:, shape.start : shape.stop]
-        else:
-            b = b[:, :, shape.start : shape.stop]
-        modules[module] = (a.contiguous(), b.contiguous())
+        modules[module] = (a.transpose(1, 2).contiguous(), (b.transpose(1, 2) * scale).contiguous())
     if not modules:
         raise AdapterError(f"adapter '{adapter_id}' has no LoRA weights for {', '.join(MODULES)}")
     ranks = {a.shape[-1] for a, _ in modules.values()}
     return LoraWeights(rank=max(ranks), modules=modules)
+
+
+def shard_lora(weights: LoraWeights, shapes: dict[str, ModuleShape]) -> LoraWeights:
+    """This rank's slice: A along `in` for row-parallel modules, B along `out` for column-parallel ones."""
+    modules = {}
+    for module, (a, b) in weights.modules.items():
+        shape = shapes[module]
+        if shape.split == "in":
+            a = a[:, shape.start : shape.stop].contiguous()
+        else:
+            b = b[:, :, shape.start : shape.stop].contiguous()
+        modules[module] = (a, b)
+    return LoraWeights(weights.rank, modules)
