@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import string
 import time
+from urllib.parse import quote
 
 from router.infer import GenerationResult
 from router.queue import EndEvent
@@ -70,6 +72,15 @@ def stream_end(request: ValidRequest, end: EndEvent) -> StreamResponse:
     return StreamResponse(token=end.token, generated_text=_text(request, end.generated_text), details=details)
 
 
+HEADER_SAFE = "".join(c for c in string.punctuation if c != "%") + " "
+
+
+def header_value(value: str) -> str:
+    """`value` safe for an HTTP header: user-given ids may hold non-ASCII or control characters (CR/LF), which
+    are percent-encoded instead of failing the response or splitting the header."""
+    return quote(value, safe=HEADER_SAFE)
+
+
 def _adapter_headers(params: GenerateParameters, default_source: str) -> dict[str, str]:
     if params.merged_adapters is not None and params.merged_adapters.ids:
         ids = ",".join(params.merged_adapters.ids)
@@ -77,7 +88,7 @@ def _adapter_headers(params: GenerateParameters, default_source: str) -> dict[st
         ids = params.adapter_id
     else:
         return {}
-    return {"x-adapter-id": ids, "x-adapter-source": params.adapter_source or default_source}
+    return {"x-adapter-id": header_value(ids), "x-adapter-source": header_value(params.adapter_source or default_source)}
 
 
 def stream_headers(model_id: str, inputs: str, params: GenerateParameters, default_source: str) -> dict[str, str]:
@@ -85,7 +96,7 @@ def stream_headers(model_id: str, inputs: str, params: GenerateParameters, defau
         "x-compute-type": "gpu+optimized",
         "x-compute-characters": str(len(inputs)),
         "X-Accel-Buffering": "no",
-        "x-model-id": model_id,
+        "x-model-id": header_value(model_id),
         **_adapter_headers(params, default_source),
     }
 
@@ -123,6 +134,6 @@ def generate_headers(
         "x-generated-tokens": str(generated),
         "x-skipped-tokens": str(sum(token.skipped for token in best.tokens)),
         "x-total-tokens": str(request.input_length + generated),
-        "x-model-id": model_id,
+        "x-model-id": header_value(model_id),
         **_adapter_headers(params, default_source),
     }

@@ -75,6 +75,20 @@ def test_spec_headers_on_generate_and_openai_replies():
     run(scenario())
 
 
+def test_adapter_ids_that_are_not_header_safe_are_percent_encoded():
+    async def scenario():
+        async with router_stack(*LIMITS) as stack:
+            adapter = "нет/адаптер\r\nx-injected: 1"
+            body = {"inputs": words(3), "parameters": {"max_new_tokens": 2, "adapter_id": adapter}}
+            for route in ("/generate", "/generate_stream"):
+                reply = await stack.http.post(route, json=body)
+                assert reply.status_code == 200, reply.text
+                assert "x-injected" not in reply.headers
+                assert reply.headers["x-adapter-id"] == "%D0%BD%D0%B5%D1%82/%D0%B0%D0%B4%D0%B0%D0%BF%D1%82%D0%B5%D1%80%0D%0Ax-injected: 1"
+
+    run(scenario())
+
+
 def test_prefill_details_full_text_seed_and_alternatives():
     async def scenario():
         async with router_stack(*LIMITS) as stack:
