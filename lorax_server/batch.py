@@ -13,6 +13,7 @@ import torch
 from lorax_server.kv_cache import BLOCK_SIZE, KVCache
 from lorax_server.pb import generate_pb2
 from lorax_server.sampling import SamplingParams
+from lorax_server.structured import Constraint, Grammars
 
 
 @dataclass
@@ -33,6 +34,7 @@ class RequestState:
     text: str = ""  # decoded output so far, for stop sequences
     finished: bool = False
     generated_ids: list[int] = field(default_factory=list)
+    constraint: Constraint | None = None  # JSON-schema state, when the request has a `response_format`
 
 
 @dataclass
@@ -66,9 +68,16 @@ class Batch:
 
     @classmethod
     def from_pb(
-        cls, pb: generate_pb2.Batch, tokenizer, cache: KVCache, device: torch.device, max_new_override: int | None = None
+        cls,
+        pb: generate_pb2.Batch,
+        tokenizer,
+        cache: KVCache,
+        device: torch.device,
+        grammars: Grammars,
+        max_new_override: int | None = None,
     ) -> "Batch":
-        """Build a batch from the router's requests, reserving their KV blocks.
+        """Build a batch from the router's requests, reserving their KV blocks and starting the compilation of
+        their JSON schemas.
 
         Token ids come from the router when it tokenized the inputs; otherwise the shard tokenizes.
         Each request keeps only its last `truncate` prompt tokens.
@@ -96,6 +105,7 @@ class Batch:
                 blocks=b,
                 prefix_offset=max(len(ids) - 5, 0),
                 read_offset=len(ids),
+                constraint=grammars.constraint(r.parameters.schema) if r.parameters.schema else None,
             )
             for r, ids, n, b in zip(pb.requests, prompts, max_new, blocks)
         ]

@@ -19,7 +19,8 @@ from lorax_server.dist import Parallel
 from lorax_server.kv_cache import BLOCK_SIZE, KVCache
 from lorax_server.layers.attention import build_metadata
 from lorax_server.pb import generate_pb2
-from lorax_server.sampling import choose, i64_to_u64
+from lorax_server.sampling import Watermark, choose, i64_to_u64
+from lorax_server.structured import Grammars
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +64,8 @@ class Generator:
         self.eos_ids = torch.tensor(eos_ids, dtype=torch.int64, device=device)
         self.special_ids = set(tokenizer.all_special_ids)
         self.vocab = model.cfg.vocab_size
+        self.watermark = Watermark.from_env()
+        self.grammars = Grammars(tokenizer, self.vocab, eos_ids)
         self.cache: KVCache | None = None
 
     # ---- cache sizing -------------------------------------------------------------------------------
@@ -78,7 +81,7 @@ class Generator:
     def warmup(self, pb_batch: generate_pb2.Batch) -> int:
         """Size the cache, prove the largest prefill the router will send fits, and return the capacity."""
         capacity = self.allocate_cache(kv_capacity_tokens(self.model, self.device))
-        batch = Batch.from_pb(pb_batch, self.tokenizer, self.cache, self.device, max_new_override=2)
+        batch = Batch.from_pb(pb_batch, self.tokenizer, self.cache, self.device, self.grammars, max_new_override=2)
         try:
             _, batch = self.prefill(batch)
             if batch is not None:
@@ -91,7 +94,7 @@ class Generator:
     def new_batch(self, pb_batch: generate_pb2.Batch) -> Batch:
         if self.cache is None:
             self.allocate_cache(kv_capacity_tokens(self.model, self.device))
-        return Batch.from_pb(pb_batch, self.tokenizer, self.cache, self.device)
+        return Batch.from_pb(pb_batch, self.tokenizer, self.cache, self.device, self.grammars)
 
     # ---- steps --------------------------------------------------------------------------------------
     def prefill(self, batch: Batch) -> tuple[list[generate_pb2.Generation], Batch | None]:
@@ -115,6 +118,7 @@ class Generator:
         lora = self.adapters.lora_batch(batch.adapter_indices, lens)
         logits = self.model.forward(input_ids, meta, self.cache.tensor, logit_rows, lora)
         batch.kv_lens = lens
+        batch.next_ids = input_ids[ends]  # each prompt's last token: what the watermark keys the first choice on
         if batch.sampling.needs_counts:
             batch.counts = batch.token_counts(self.vocab)
         prompt_details = {}
@@ -143,8 +147,15 @@ class Generator:
 
     def _advance(self, batch: Batch, logits: torch.Tensor, prompt_details: dict) -> tuple[list, Batch | None]:
         """Choose tokens from last-position logits, apply stopping criteria, build Generations."""
-        lengths = batch.kv_lens
-        next_ids, logprobs, all_logprobs = choose(logits, batch.sampling, batch.generated, batch.counts, lengths)
+        constrained = [(i, r.constraint) for i, r in enumerate(batch.requests) if r.constraint is not None]
+        allowed = None
+        if constrained:  # host-side mask work; on a GPU it overlaps the forward still in flight
+            rows = torch.tensor([i for i, _ in constrained], dtype=torch.int64, device=self.device)
+            allowed = rows, self.grammars.allowed([c for _, c in constrained], logits.shape[-1], self.device)
+        next_ids, logprobs, all_logprobs = choose(
+            logits, batch.sampling, batch.generated, batch.counts, batch.kv_lens,
+            prev_ids=batch.next_ids, watermark=self.watermark, allowed=allowed,
+        )
         batch.generated += 1
         batch.next_ids = next_ids
         if batch.counts is not None:
@@ -154,6 +165,7 @@ class Generator:
 
         ids_list, logprob_list = next_ids.tolist(), logprobs.tolist()
         length_list, eos_list = by_length.tolist(), by_eos.tolist()
+        self.grammars.advance([c for _, c in constrained], [ids_list[i] for i, _ in constrained])
         texts = self._incremental_texts(batch.requests, ids_list)
         alternatives = self._alternatives(batch.requests, all_logprobs)
         generations = []

@@ -1,5 +1,5 @@
-"""Next-token choice for a whole batch at once: penalties, temperature, top-k, top-p, typical-p, then greedy
-argmax or seeded sampling.
+"""Next-token choice for a whole batch at once, in the reference's order (spec 5.9): watermark, penalties, the
+JSON-schema mask, temperature, top-k, top-p, typical-p, then greedy argmax or seeded sampling.
 
 Sampling uses the Gumbel-max trick with counter-based noise: the noise for (seed, step, token) is a hash, so
 a request's output depends only on its own seed and never on which other requests share its batch, and all
@@ -7,11 +7,13 @@ rows are sampled with tensor ops (no per-request generator loop).
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, fields
 
 import torch
 
 _MASK32 = 0xFFFFFFFF
+WATERMARK_KEY = 15485863  # Kirchenbauer et al.'s hash key: the green list after token t is seeded by KEY * t
 
 
 def _fmix32(h: torch.Tensor) -> torch.Tensor:
@@ -23,13 +25,37 @@ def _fmix32(h: torch.Tensor) -> torch.Tensor:
     return h ^ (h >> 16)
 
 
+def _row_uniforms(key: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Uniforms in (0, 1), shape [rows, vocab]: a hash of (row key, token id)."""
+    idx = torch.arange(vocab, device=key.device, dtype=torch.int64)
+    bits = _fmix32((key[:, None] + idx[None, :] * 0x9E3779B1) & _MASK32)
+    return ((bits >> 8).to(torch.float32) + 0.5) / float(1 << 24)
+
+
 def uniform_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch.Tensor:
     """Deterministic uniforms in (0, 1), shape [rows, vocab], from each row's seed and step."""
     lo, hi = seeds & _MASK32, (seeds >> 32) & _MASK32
-    key = _fmix32(lo ^ _fmix32(hi ^ _fmix32((steps + 0x9E3779B9) & _MASK32)))
-    idx = torch.arange(vocab, device=seeds.device, dtype=torch.int64)
-    bits = _fmix32((key[:, None] + idx[None, :] * 0x9E3779B1) & _MASK32)
-    return ((bits >> 8).to(torch.float32) + 0.5) / float(1 << 24)
+    return _row_uniforms(_fmix32(lo ^ _fmix32(hi ^ _fmix32((steps + 0x9E3779B9) & _MASK32))), vocab)
+
+
+def green_list(prev_ids: torch.Tensor, vocab: int, gamma: float) -> torch.Tensor:
+    """[rows, vocab] bool: the watermark's green tokens after each previous token, about a `gamma` share of the
+    vocabulary. A pure function of (previous token, token id), so a detector that knows only the text can
+    recompute it; KEY * t mod 2**32 is a bijection (KEY is odd), so different previous tokens get different lists."""
+    return _row_uniforms(_fmix32((prev_ids * WATERMARK_KEY) & _MASK32), vocab) < gamma
+
+
+@dataclass(frozen=True)
+class Watermark:
+    """Kirchenbauer et al.'s soft watermark: +delta to the green list chosen by the previous token."""
+
+    gamma: float = 0.5
+    delta: float = 2.0
+
+    @classmethod
+    def from_env(cls) -> "Watermark":
+        """gamma and delta as the launcher passes them (--watermark-gamma/--watermark-delta)."""
+        return cls(float(os.environ.get("WATERMARK_GAMMA", 0.5)), float(os.environ.get("WATERMARK_DELTA", 2.0)))
 
 
 def u64_to_i64(value: int) -> int:
@@ -54,6 +80,7 @@ class SamplingParams:
     presence_penalty: torch.Tensor
     sample: torch.Tensor  # bool: this request samples (else greedy)
     seed: torch.Tensor  # int64 bits of the u64 seed
+    watermark: torch.Tensor  # bool: this request's tokens carry the watermark
 
     @classmethod
     def from_pb(cls, params: list, device: torch.device) -> "SamplingParams":
@@ -77,6 +104,7 @@ class SamplingParams:
             presence_penalty=col([p.presence_penalty for p in params], torch.float32),
             sample=col(sample, torch.bool),
             seed=col([u64_to_i64(p.seed) for p in params], torch.int64),
+            watermark=col([p.watermark for p in params], torch.bool),
         )
 
     def select(self, rows: torch.Tensor) -> "SamplingParams":
@@ -92,6 +120,15 @@ class SamplingParams:
         return bool(
             (self.repetition_penalty != 1).any() or (self.frequency_penalty != 0).any() or (self.presence_penalty != 0).any()
         )
+
+
+def apply_watermark(logits: torch.Tensor, p: SamplingParams, prev_ids: torch.Tensor, watermark: Watermark) -> torch.Tensor:
+    """+delta on the green list of the rows that asked for a watermark."""
+    rows = p.watermark.nonzero().squeeze(-1)
+    if not rows.numel():
+        return logits
+    bonus = watermark.delta * green_list(prev_ids[rows], logits.shape[-1], watermark.gamma).to(logits.dtype)
+    return logits.index_add(0, rows, bonus)
 
 
 def apply_penalties(logits: torch.Tensor, p: SamplingParams, counts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -130,11 +167,28 @@ def warp(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
 
 
 def choose(
-    logits: torch.Tensor, p: SamplingParams, steps: torch.Tensor, counts: torch.Tensor | None, lengths: torch.Tensor
+    logits: torch.Tensor,
+    p: SamplingParams,
+    steps: torch.Tensor,
+    counts: torch.Tensor | None,
+    lengths: torch.Tensor,
+    *,
+    prev_ids: torch.Tensor | None = None,
+    watermark: Watermark = Watermark(),
+    allowed: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Next token ids [B], their logprobs [B], and the processed log-probabilities [B, vocab]."""
+    """Next token ids [B], their logprobs [B], and the processed log-probabilities [B, vocab].
+
+    `prev_ids` [B] are the tokens before this position (needed by the watermark); `allowed` is (rows, [rows, vocab]
+    bool), the tokens each JSON-schema-constrained row may take.
+    """
+    if prev_ids is not None:
+        logits = apply_watermark(logits, p, prev_ids, watermark)
     if counts is not None:
         logits = apply_penalties(logits, p, counts, lengths)
+    if allowed is not None:
+        rows, mask = allowed
+        logits = logits.index_put((rows,), logits[rows].masked_fill(~mask, float("-inf")))
     next_ids = logits.argmax(-1)
     rows = p.sample.nonzero().squeeze(-1)
     if rows.numel():

@@ -17,6 +17,7 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
+from lorax_server.grammar import json_schema_grammar
 from lorax_server.pb import generate_pb2
 from router.errors import ValidationError
 from router.schemas import GenerateParameters, MergedAdapters
@@ -282,9 +283,15 @@ def _check_density(merged: MergedAdapters) -> None:
 
 
 def _schema(params: GenerateParameters) -> str | None:
-    """The JSON schema for constrained decoding; `{"type": "text"}` means no constraint."""
+    """The JSON schema for constrained decoding; `{"type": "text"}` means no constraint. A schema the shards could
+    not compile is refused here (422), before it can fail the batch it would join."""
     response_format = params.response_format
     if response_format is None or response_format.type == "text":
         return None
     schema = response_format.json_schema_
-    return json.dumps(ARBITRARY_JSON_SCHEMA if schema is None else schema)
+    text = json.dumps(ARBITRARY_JSON_SCHEMA if schema is None else schema)
+    try:
+        json_schema_grammar(text)
+    except ValueError as error:
+        raise ValidationError(f"`response_format` has an {error}") from error
+    return text

@@ -1,4 +1,5 @@
-"""Sampling and stopping on the shard: greedy, seeds, top-k/top-p, penalties, EOS, stop sequences, logprobs."""
+"""Sampling and stopping on the shard: greedy, seeds, top-k/top-p, penalties, watermark, EOS, stop sequences,
+logprobs."""
 from __future__ import annotations
 
 import math
@@ -9,7 +10,9 @@ import torch
 from lorax_server.dist import Parallel
 from lorax_server.kv_cache import KVCache, OutOfBlocks
 from lorax_server.pb import generate_pb2 as pb
-from lorax_server.sampling import SamplingParams, apply_penalties, choose, uniform_noise, warp
+from lorax_server.sampling import (
+    SamplingParams, Watermark, apply_penalties, apply_watermark, choose, green_list, uniform_noise, warp,
+)
 from lorax_server.shard import build_service
 from tests.test_shard_exactness import make_request
 
@@ -65,6 +68,42 @@ def test_repetition_penalty_matches_reference_definition():
     out = apply_penalties(logits, p, counts, torch.tensor([4]))
     expected = torch.tensor([[2.0 / 2 - 0.5 * 1 / 4 - 0.25, -1.0 * 2 - 0.5 * 1 / 4 - 0.25, 0.5, 3.0]])
     assert torch.allclose(out, expected)
+
+
+def test_green_list_is_a_gamma_share_keyed_by_the_previous_token():
+    green = green_list(torch.arange(64), 4096, 0.25)
+    assert torch.equal(green, green_list(torch.arange(64), 4096, 0.25))
+    assert abs(green.float().mean().item() - 0.25) < 0.01
+    assert len({tuple(row.nonzero().squeeze(-1).tolist()) for row in green}) == 64, "each previous token, its own list"
+    assert torch.equal(green_list(torch.tensor([3, 3]), 4096, 0.25)[0], green[3]), "independent of the batch"
+
+
+def test_watermark_adds_delta_to_green_tokens_before_the_penalties():
+    vocab, prev = 64, torch.tensor([7, 7])
+    p = SamplingParams.from_pb([params(watermark=True), params()], torch.device("cpu"))
+    marked = apply_watermark(torch.zeros(2, vocab), p, prev, Watermark(gamma=0.25, delta=3.0))
+    green = green_list(prev[:1], vocab, 0.25)[0]
+    assert torch.equal(marked[0], 3.0 * green.float()) and torch.equal(marked[1], torch.zeros(vocab))
+    # spec 5.9 order: watermark, then repetition penalty: a seen green token scores (1 + delta) / penalty
+    p = SamplingParams.from_pb([params(watermark=True, repetition_penalty=2.0)], torch.device("cpu"))
+    seen = int(green.nonzero()[0])
+    counts = torch.zeros(1, vocab, dtype=torch.int32)
+    counts[0, seen] = 1
+    wm = Watermark(gamma=0.25, delta=3.0)
+    _, _, logprobs = choose(torch.ones(1, vocab), p, torch.zeros(1, dtype=torch.int64), counts, torch.tensor([4]),
+                            prev_ids=prev[:1], watermark=wm)
+    expected = 1.0 + 3.0 * green.float()
+    expected[seen] = (1.0 + 3.0) / 2.0
+    assert torch.allclose(logprobs[0], expected.log_softmax(-1))
+
+
+def test_watermark_strength_comes_from_the_launcher_env(monkeypatch):
+    monkeypatch.setenv("WATERMARK_GAMMA", "0.3")
+    monkeypatch.setenv("WATERMARK_DELTA", "4.5")
+    assert Watermark.from_env() == Watermark(gamma=0.3, delta=4.5)
+    monkeypatch.delenv("WATERMARK_GAMMA")
+    monkeypatch.delenv("WATERMARK_DELTA")
+    assert Watermark.from_env() == Watermark(gamma=0.5, delta=2.0)
 
 
 def test_kv_blocks_are_all_or_nothing_and_returned():
@@ -183,3 +222,32 @@ def test_prompt_logprobs_equal_log_softmax_of_transformers(generator, tiny_model
     expected = ref[:-1].gather(-1, ids[0, 1:, None]).squeeze(-1)
     assert torch.allclose(torch.tensor(list(prefill.logprobs[1:])), expected, atol=1e-4)
     assert abs(steps[0].next_tokens.logprobs[0] - ref[-1].max().item()) < 1e-4
+
+
+def watermark_z(sequences: list[list[int]], vocab: int, gamma: float) -> float:
+    """Kirchenbauer et al.'s detector: how many standard deviations the count of green tokens (each scored against
+    the green list of the token before it) lies above what text without a watermark would give."""
+    prev = torch.tensor([t for seq in sequences for t in seq[:-1]])
+    tokens = torch.tensor([t for seq in sequences for t in seq[1:]])
+    green = green_list(prev, vocab, gamma)[torch.arange(len(tokens)), tokens].sum().item()
+    return (green - gamma * len(tokens)) / math.sqrt(len(tokens) * gamma * (1 - gamma))
+
+
+def test_watermarked_text_is_detectable_and_plain_text_is_not(generator):
+    prompts = ["Hello world", "The quick brown fox", "What is the capital", "LoRA adapters change"]
+
+    def texts(watermark: bool) -> list[list[int]]:
+        requests = [make_request(generator.tokenizer, i, p, 40, do_sample=True, seed=100 + i, watermark=watermark)
+                    for i, p in enumerate(prompts)]
+        out = {r.id: [r.tokenized_inputs.ids[-1]] for r in requests}  # the first token is keyed on the prompt's last
+        gens, batch = generator.prefill(generator.new_batch(pb.Batch(id=9, requests=requests)))
+        while True:
+            for g in gens:
+                out[g.request_id].extend(g.next_tokens.ids)
+            if batch is None:
+                return list(out.values())
+            gens, batch = generator.decode([batch])
+
+    gamma = generator.watermark.gamma
+    assert watermark_z(texts(True), generator.vocab, gamma) > 4.0
+    assert abs(watermark_z(texts(False), generator.vocab, gamma)) < 2.0
