@@ -363,7 +363,7 @@ def create_app(
     async def generate_stream_route(body: GenerateRequest, request: Request) -> Response:
         return generate_stream(body, request)
 
-    compat_responses = openapi_doc.generation(GenerateResponse, StreamResponse, "A list of one response, or events")
+    compat_responses = openapi_doc.generation(list[GenerateResponse], StreamResponse, "A list of one response, or events")
 
     @app.post("/", responses=compat_responses)
     @app.post("/invocations", responses=compat_responses)

@@ -35,9 +35,10 @@ def _events(model: type[BaseModel]) -> dict[str, Any]:
 
 
 def generation(
-    body: type[BaseModel] | None, events: type[BaseModel] | None = None, description: str = "Generated text"
+    body: Any, events: type[BaseModel] | None = None, description: str = "Generated text"
 ) -> dict[int | str, dict[str, Any]]:
-    """`responses=` for a generating route: a JSON `body`, SSE `events`, or either (chosen by `stream`)."""
+    """`responses=` for a generating route: a JSON `body` (a model, or a list of one), SSE `events`, or either
+    (chosen by `stream`)."""
     ok: dict[str, Any] = {"description": description}
     if body is not None:
         ok["model"] = body

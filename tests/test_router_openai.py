@@ -390,6 +390,8 @@ def test_openapi_document(tmp_path):
                 return paths[path]["post"]["responses"]["200"]["content"][media]["schema"]["$ref"].split("/")[-1]
 
             assert ok("/generate", "application/json") == "GenerateResponse"
+            compat = paths["/"]["post"]["responses"]["200"]["content"]["application/json"]["schema"]
+            assert compat["type"] == "array" and compat["items"]["$ref"].endswith("/GenerateResponse")
             assert ok("/generate_stream", "text/event-stream") == "StreamResponse"
             assert ok("/v1/completions", "application/json") == "Completion"
             assert ok("/v1/chat/completions", "application/json") == "ChatCompletion"
