@@ -145,6 +145,8 @@ def apply_penalties(logits: torch.Tensor, p: SamplingParams, counts: torch.Tenso
 def warp(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     """Temperature, top-k, top-p and typical-p for sampling rows; masked tokens get -inf."""
     logits = logits / p.temperature[:, None]
+    if not bool(((p.top_k > 0) | (p.top_p < 1) | (p.typical_p < 1)).any()):
+        return logits  # temperature only: spare the two vocabulary-wide sorts
     vocab = logits.shape[-1]
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     remove = torch.zeros_like(sorted_logits, dtype=torch.bool)
