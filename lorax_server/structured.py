@@ -42,7 +42,10 @@ class Grammars:
     """Compiles schemas against one tokenizer (cached, in the background) and masks batches of constrained rows."""
 
     def __init__(self, tokenizer, vocab: int, eos_ids: list[int], cache_size: int = 256):
-        self._hf_tokenizer = tokenizer
+        backend = copy.copy(tokenizer.backend_tokenizer)  # the Rust tokenizer, with added tokens
+        backend.no_padding()
+        backend.no_truncation()
+        self._tokenizer_json = backend.to_str()  # serialized here: the compiler thread must not share the tokenizer
         self._vocab = max(vocab, len(tokenizer))
         self._eos_ids = eos_ids
         self._cache_size = cache_size
@@ -67,10 +70,7 @@ class Grammars:
 
     def _compile(self, schema: str) -> LLMatcher:
         if self._tokenizer is None:
-            backend = copy.copy(self._hf_tokenizer.backend_tokenizer)  # the Rust tokenizer, with added tokens
-            backend.no_padding()
-            backend.no_truncation()
-            self._tokenizer = LLTokenizer(backend.to_str(), n_vocab=self._vocab, eos_token=self._eos_ids)
+            self._tokenizer = LLTokenizer(self._tokenizer_json, n_vocab=self._vocab, eos_token=self._eos_ids)
         matcher = LLMatcher(self._tokenizer, json_schema_grammar(schema), log_level=0)
         if matcher.is_error():
             raise ValueError(f"invalid JSON schema: {matcher.get_error()}")
