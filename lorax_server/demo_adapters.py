@@ -70,7 +70,10 @@ def examples(tokenizer, style) -> list[tuple[list[int], int]]:
 
 
 def train(base: Path, name: str, out: Path) -> None:
-    from peft import LoraConfig, get_peft_model
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise SystemExit("training the demo adapters needs peft: pip install -e '.[test]' (or `make run`)") from None
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(SEED)
