@@ -168,6 +168,10 @@ def test_memory_reports_each_tier(registry, tiny_model_dir, tmp_path):
     assert memory.host_bytes > first.nbytes
     registry.offload(1)
     assert (registry.memory().device_adapters, registry.memory().device_bytes) == (0, 0)
+    (tmp_path / "not-an-adapter").mkdir()
+    with pytest.raises(AdapterError):
+        registry.fetch(AdapterKey((str(tmp_path / "not-an-adapter"),), "local"))
+    assert registry.memory().disk_adapters == 2  # a folder that is not an adapter is not in any tier
 
 
 @pytest.mark.parametrize("strategy", ["ties", "dare_ties"])

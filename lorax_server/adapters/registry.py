@@ -74,10 +74,11 @@ class AdapterRegistry:
     # ---- tiers ------------------------------------------------------------------------------------
     def _read_one(self, adapter_id: str, source: str, api_token: str | None, trusted: bool, scale: float | None = None) -> tuple[LoraWeights, float]:
         folder = fetch_adapter(adapter_id, source, api_token, trusted)
-        self.disk[folder] = sum(f.stat().st_size for f in folder.glob("adapter_model*") if f.is_file())
         config = read_config(folder, adapter_id)
         self._check_base(config.base_model_name_or_path, adapter_id)
         weights = load_lora(folder, adapter_id, config.scale if scale is None else scale, self.shapes, len(self.model.layers))
+        # only folders that held a usable adapter count in the disk tier
+        self.disk[folder] = sum(f.stat().st_size for f in folder.glob("adapter_model*") if f.is_file())
         return weights, config.scale
 
     def _check_base(self, base: str | None, adapter_id: str) -> None:
@@ -144,11 +145,15 @@ class AdapterRegistry:
         return True
 
     def memory(self) -> generate_pb2.AdapterMemory:
-        """Adapters and bytes per tier, reported to the router with every adapter RPC (it exports them as metrics)."""
+        """Adapters and bytes per tier, reported to the router with every adapter RPC (it exports them as metrics).
+
+        Fetches run on worker threads and loads on the model thread, so the tiers are copied (one C-level step under
+        the GIL) before they are summed: iterating a dict another thread grows would raise."""
+        device, host, disk = list(self.active.values()), list(self.host.values()), list(self.disk.values())
         return generate_pb2.AdapterMemory(
-            device_bytes=sum(w.nbytes for w in self.active.values()), device_adapters=len(self.active),
-            host_bytes=sum(w.nbytes for w in self.host.values()), host_adapters=len(self.host),
-            disk_bytes=sum(self.disk.values()), disk_adapters=len(self.disk),
+            device_bytes=sum(w.nbytes for w in device), device_adapters=len(device),
+            host_bytes=sum(w.nbytes for w in host), host_adapters=len(host),
+            disk_bytes=sum(disk), disk_adapters=len(disk),
         )
 
     # ---- per batch -------------------------------------------------------------------------------
