@@ -11,10 +11,13 @@ class OutOfBlocks(Exception):
 
 
 class KVCache:
-    """[layers, 2, num_blocks*BLOCK_SIZE, kv_heads, head_dim] storage plus a free list of blocks."""
+    """[layers, 2, kv_heads, num_blocks*BLOCK_SIZE, head_dim] storage plus a free list of blocks.
+
+    Heads come before slots so that a request's blocks gathered for one head are one contiguous [tokens, head_dim]
+    matrix: attention then multiplies them in place instead of first copying them into a head-major layout."""
 
     def __init__(self, num_layers: int, num_blocks: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device):
-        self.tensor = torch.zeros(num_layers, 2, num_blocks * BLOCK_SIZE, kv_heads, head_dim, dtype=dtype, device=device)
+        self.tensor = torch.zeros(num_layers, 2, kv_heads, num_blocks * BLOCK_SIZE, head_dim, dtype=dtype, device=device)
         self.num_blocks = num_blocks
         self._free = list(range(num_blocks - 1, -1, -1))
 

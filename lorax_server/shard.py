@@ -6,6 +6,7 @@ import logging
 import torch
 
 from lorax_server.adapters.registry import AdapterKey, AdapterRegistry
+from lorax_server.cpu_memory import reuse_freed_memory
 from lorax_server.dist import Parallel
 from lorax_server.generation import Generator, eos_token_ids
 from lorax_server.models import load_model
@@ -22,6 +23,8 @@ def build_service(
     """A ready service; a static `adapter_id` is loaded at index 0, so it applies to requests naming none."""
     from transformers import AutoTokenizer
 
+    if device.type == "cpu":
+        reuse_freed_memory()
     folder = locate_model(model_id, revision, source)
     logger.info("loading %s from %s on %s (rank %d/%d)", model_id, folder, device, parallel.rank, parallel.world_size)
     model = load_model(folder, dtype, device, parallel)

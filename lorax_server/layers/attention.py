@@ -1,8 +1,10 @@
 """Attention over a paged KV cache for a flat, unpadded batch of many requests.
 
-Each forward writes its new keys/values into cache slots, then every request attends to its own slots.
-Requests of different lengths are handled by one padded gather + one masked SDPA call per layer, so there is
-no Python loop over requests; prefill (many query tokens) and decode (one per request) share the code.
+Each forward writes its new keys/values into cache slots, then every request attends to its own blocks.
+Keys and values are gathered a whole block at a time (one contiguous copy per block and head, not per token),
+and requests of different lengths are handled by masking, so there is no Python loop over requests. Prefill
+(many query tokens) uses the fused SDPA kernel; decode (one query per request) uses two batched matmuls over
+(kv head, request) with a float32 softmax: on CPU that is several times faster than SDPA for a single query.
 """
 from __future__ import annotations
 
@@ -20,8 +22,20 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] cache slot each new token's K/V is written to
     query_index: torch.Tensor  # [B, Q] flat token index of each request's i-th query (padding -> 0)
     output_index: torch.Tensor  # [T] row of the padded [B*Q] output that holds each flat token
-    key_slots: torch.Tensor  # [B, K] cache slot of each request's j-th key (padding -> 0)
+    key_blocks: torch.Tensor  # [B, K/block_size] cache block holding each request's keys (padding -> 0)
+    block_size: int
     mask: torch.Tensor  # [B, 1, Q, K] True where a query may attend to a key
+    decode_bias: torch.Tensor | None  # [B, 1, K] float32 0 / -inf: the mask as decode attention adds it
+    _key_rows: torch.Tensor | None = None
+
+    def key_rows(self, kv_heads: int, cache_blocks: int) -> torch.Tensor:
+        """[kv_heads * B * K/block_size] rows of a cache viewed as [kv_heads * cache_blocks, block] holding each
+        head's blocks, head-major; built once per forward. (Selecting rows of a 2-D view is several times faster
+        than index_select along the middle dimension.)"""
+        if self._key_rows is None:
+            heads = torch.arange(kv_heads, device=self.key_blocks.device)[:, None] * cache_blocks
+            self._key_rows = (heads + self.key_blocks.view(1, -1)).view(-1)
+        return self._key_rows
 
 
 def build_metadata(
@@ -39,7 +53,7 @@ def build_metadata(
     device = query_lens.device
     batch = query_lens.shape[0]
     max_q = int(query_lens.max())
-    max_k = int(kv_lens.max())
+    num_blocks = -(-int(kv_lens.max()) // block_size)
     q_range = torch.arange(max_q, device=device)
     q_valid = q_range[None, :] < query_lens[:, None]
     q_pos = (kv_lens - query_lens)[:, None] + q_range[None, :]
@@ -49,26 +63,44 @@ def build_metadata(
     query_index = torch.where(q_valid, starts[:, None] + q_range[None, :], 0)
     output_index = (torch.arange(batch, device=device)[:, None] * max_q + q_range[None, :])[q_valid]
 
-    def slots_of(pos: torch.Tensor) -> torch.Tensor:
-        return block_tables.gather(1, torch.div(pos, block_size, rounding_mode="floor")) * block_size + pos % block_size
-
-    slot_mapping = slots_of(q_pos_safe)[q_valid]
-    k_range = torch.arange(max_k, device=device)
-    key_slots = slots_of(k_range[None, :].expand(batch, max_k).contiguous())
-    key_slots = torch.where(k_range[None, :] < kv_lens[:, None], key_slots, 0)
-
+    block_of = block_tables.gather(1, torch.div(q_pos_safe, block_size, rounding_mode="floor"))
+    slot_mapping = (block_of * block_size + q_pos_safe % block_size)[q_valid]
+    k_range = torch.arange(num_blocks * block_size, device=device)
     mask = (k_range[None, None, :] <= q_pos[:, :, None]) & (k_range[None, None, :] < kv_lens[:, None, None])
     if sliding_window:
         mask &= k_range[None, None, :] > q_pos[:, :, None] - sliding_window
     mask[:, :, 0] |= ~q_valid  # padded queries attend to one key so the softmax stays finite
+    decode_bias = None
+    if max_q == 1:
+        decode_bias = torch.zeros(mask.shape, dtype=torch.float32, device=device).masked_fill_(~mask, float("-inf"))
     return AttentionMetadata(
         positions=q_pos[q_valid],
         slot_mapping=slot_mapping,
         query_index=query_index,
         output_index=output_index,
-        key_slots=key_slots,
+        key_blocks=block_tables[:, :num_blocks].contiguous(),
+        block_size=block_size,
         mask=mask.unsqueeze(1),
+        decode_bias=decode_bias,
     )
+
+
+def _gather_blocks(cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    """[Hkv, B, K, D]: each request's cache blocks laid end to end, per KV head."""
+    heads, slots, dim = cache.shape
+    cache_blocks = slots // meta.block_size
+    rows = cache.view(heads * cache_blocks, meta.block_size * dim).index_select(0, meta.key_rows(heads, cache_blocks))
+    return rows.view(heads, meta.key_blocks.shape[0], -1, dim)
+
+
+def _decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor, scale: float) -> torch.Tensor:
+    """q [B, H, D] against keys/values [Hkv, B, K, D]; query head h reads KV head h // (H / Hkv)."""
+    batch, heads, dim = q.shape
+    kv_heads = keys.shape[0]
+    grouped = q.view(batch, kv_heads, heads // kv_heads, dim).transpose(0, 1)  # [Hkv, B, group, D]
+    scores = torch.matmul(grouped, keys.transpose(-1, -2)) * scale + bias  # [Hkv, B, group, K], float32
+    probs = scores.softmax(-1).to(q.dtype)
+    return torch.matmul(probs, values).transpose(0, 1).reshape(batch, heads * dim)
 
 
 def paged_attention(
@@ -80,16 +112,19 @@ def paged_attention(
     meta: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:
-    """Store k/v ([T, kv_heads, D]) in the cache, attend q ([T, heads, D]); returns [T, heads*D]."""
-    k_cache[meta.slot_mapping] = k
-    v_cache[meta.slot_mapping] = v
+    """Store k/v ([T, kv_heads, D]) in the caches ([kv_heads, slots, D]), attend q ([T, heads, D]);
+    returns [T, heads*D]."""
+    k_cache.index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
+    v_cache.index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
+    keys, values = _gather_blocks(k_cache, meta), _gather_blocks(v_cache, meta)
+    if meta.decode_bias is not None:
+        return _decode_attention(q, keys, values, meta.decode_bias, scale)
     batch, max_q = meta.query_index.shape
     heads, dim = q.shape[1], q.shape[2]
     queries = q[meta.query_index].transpose(1, 2)  # [B, H, Q, D]
-    keys = k_cache[meta.key_slots].transpose(1, 2)  # [B, Hkv, K, D]
-    values = v_cache[meta.key_slots].transpose(1, 2)
     out = F.scaled_dot_product_attention(
-        queries, keys, values, attn_mask=meta.mask, scale=scale, enable_gqa=heads != keys.shape[1]
+        queries, keys.transpose(0, 1), values.transpose(0, 1), attn_mask=meta.mask, scale=scale,
+        enable_gqa=heads != keys.shape[0],
     )
     out = out.transpose(1, 2).reshape(batch * max_q, heads * dim)
     return out[meta.output_index]

@@ -130,11 +130,12 @@ class LoraBatch:
         g = self.groups.get(group)
         if g is None:
             return y
+        x = x.to(g.a.dtype)  # the stacks may be kept in a wider dtype than the model (see AdapterRegistry)
         if self.layouts[group] == "side_by_side":
-            return y + ((x @ g.a[layer]) * self.masks[group]) @ g.b[layer]
+            return y + (((x @ g.a[layer]) * self.masks[group]) @ g.b[layer]).to(y.dtype)
         seg = self.segments
         a_seg, b_seg = g.segments()
         block = x.new_zeros(seg.n * seg.length, x.shape[-1])
         block[seg.position] = x[seg.tokens]
         delta = torch.bmm(torch.bmm(block.view(seg.n, seg.length, -1), a_seg[layer]), b_seg[layer])
-        return y.index_add(0, seg.tokens, delta.view(seg.n * seg.length, -1)[seg.position])
+        return y.index_add(0, seg.tokens, delta.view(seg.n * seg.length, -1)[seg.position].to(y.dtype))

@@ -227,7 +227,7 @@ class LlamaModel:
     ) -> torch.Tensor:
         """Logits [len(logit_rows), vocab] for the selected flat tokens; K/V of every token go to the cache.
 
-        kv_cache is [layers, 2, slots, kv_heads, head_dim].
+        kv_cache is [layers, 2, kv_heads, slots, head_dim].
         """
         hidden = self._embed(input_ids)
         cos, sin = self.rotary.tables(meta.positions)
