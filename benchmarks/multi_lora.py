@@ -4,8 +4,11 @@
 (b) our engine, 32 requests each on a different random r=8 q/v adapter, same batch
 (c) transformers + peft, one mixed-adapter batch via generate(adapter_names=...)
 (d) transformers + peft, one request at a time, switching adapters
+(e) the base model's weight matmuls alone at the same batch size (no attention, LoRA, sampling or prefill): the
+    ceiling for any engine computing this model in this dtype on this machine
 
-Prints generated tokens/s for each (best of interleaved rounds) and the ratios (b)/(a), (b)/(c), (b)/(d).
+Prints generated tokens/s for each (best of interleaved rounds), the ratios (b)/(a), (b)/(c), (b)/(d), and (e)/(c):
+the most that (b)/(c) could be here.
 Usage: python benchmarks/multi_lora.py [--requests 32] [--new-tokens 64] [--rounds 2] [--dtype float32|bfloat16]
 """
 from __future__ import annotations
@@ -49,6 +52,20 @@ def run_engine(generator, texts: list[str], adapter_indices: list[int], new_toke
     while batch is not None:
         _, batch = generator.decode([batch])
     return len(texts) * new_tokens / (time.perf_counter() - start)
+
+
+def matmul_floor(model, requests: int, new_tokens: int) -> float:
+    """Tokens/s of decode steps that do nothing but multiply `requests` rows by every base weight."""
+    layer = model.layers[0]
+    hidden = torch.randn(requests, model.cfg.hidden_size, dtype=model.dtype)
+    attn = torch.randn(requests, layer.q_size, dtype=model.dtype)
+    inter = torch.randn(requests, layer.inter, dtype=model.dtype)
+    start = time.perf_counter()
+    for _ in range(new_tokens):
+        for layer in model.layers:
+            hidden @ layer.qkv_weight, attn @ layer.o_weight, hidden @ layer.gate_up_weight, inter @ layer.down_weight
+        hidden @ model.lm_head.t()
+    return requests * new_tokens / (time.perf_counter() - start)
 
 
 def main() -> None:
@@ -108,6 +125,7 @@ def main() -> None:
         "b": lambda: run_engine(generator, texts, list(range(1, len(texts) + 1)), args.new_tokens),
         "c": peft_mixed,
         "d": peft_one_at_a_time,
+        "e": lambda: matmul_floor(generator.model, len(texts), args.new_tokens),
     }
     run_engine(generator, texts[:4], [0] * 4, 4)  # warm up allocators and kernels
     # Rounds interleave the four set-ups, so a change in machine load hits all of them; each keeps its best round.
@@ -117,12 +135,16 @@ def main() -> None:
             for key, run in runs.items():
                 results[key] = max(results[key], run())
 
-    labels = {"a": "ours, base model", "b": "ours, 32 different adapters", "c": "peft mixed batch", "d": "peft one at a time"}
+    labels = {
+        "a": "ours, base model", "b": "ours, 32 different adapters", "c": "peft mixed batch", "d": "peft one at a time",
+        "e": "base weight matmuls alone",
+    }
     for key, label in labels.items():
         print(f"({key}) {label:32s} {results[key]:8.1f} tokens/s")
     print(f"(b)/(a) = {results['b'] / results['a']:.2f}   (target >= 0.90)")
     print(f"(b)/(c) = {results['b'] / results['c']:.2f}   (target >= 4)")
     print(f"(b)/(d) = {results['b'] / results['d']:.2f}   (target >= 15)")
+    print(f"(e)/(c) = {results['e'] / results['c']:.2f}   (the ceiling of (b)/(c) in {args.dtype} on this machine)")
 
 
 if __name__ == "__main__":

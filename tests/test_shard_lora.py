@@ -79,8 +79,16 @@ def test_bad_adapters_are_refused_with_reason(tmp_path, monkeypatch, tiny_model_
         registry.fetch(AdapterKey((str(corrupt),), "local"))
 
 
+SLOT_PATTERNS = {  # each token's adapter (-1: base model)
+    "mixed": [2, -1, 0, 0, 3, 1, -1, 0, 3, 1, 1, 1],  # uneven segments and base tokens: padded
+    "shuffled": [1, 0, 3, 2],  # one token per adapter, out of order: a pure permutation
+    "in_order": [0, 0, 1, 1, 2, 2, 3, 3],  # already grouped with equal counts: no reordering at all
+}
+
+
+@pytest.mark.parametrize("pattern", SLOT_PATTERNS)
 @pytest.mark.parametrize("layout", ["side_by_side", "segments", None])
-def test_both_lora_layouts_equal_per_token_reference(layout):
+def test_both_lora_layouts_equal_per_token_reference(layout, pattern):
     """Each token gets exactly its own adapter's delta, whatever layout runs the batch."""
     from lorax_server.adapters.weights import LoraWeights
     from lorax_server.layers.lora import GROUPS, LoraBatch, stack_adapters
@@ -96,8 +104,10 @@ def test_both_lora_layouts_equal_per_token_reference(layout):
         for r, targets in specs
     ]
     groups = stack_adapters(adapters, outs, layers, ins, torch.float32, torch.device("cpu"))
-    slots = torch.tensor([2, -1, 0, 0, 3, 1, -1, 0, 3, 1, 1, 1])
+    slots = torch.tensor(SLOT_PATTERNS[pattern])
     batch = LoraBatch(groups, slots, layout)
+    assert (batch.segments.padded, batch.segments.identity) == {
+        "mixed": (True, False), "shuffled": (False, False), "in_order": (False, True)}[pattern]
     for group, modules in GROUPS.items():
         x = torch.randn(len(slots), ins[group])
         y = torch.randn(len(slots), sum(outs[m] for m in modules))
@@ -109,5 +119,5 @@ def test_both_lora_layouts_equal_per_token_reference(layout):
                      if m in adapters[slot].modules else torch.zeros(outs[m]) for m in modules]
             expected[t] += torch.cat(parts)
         assert torch.allclose(batch.apply(group, 1, x, y), expected, atol=1e-4), (group, layout)
-    if layout is None:  # many adapters with a token or two each: segments are cheaper than side by side
+    if layout is None and pattern == "mixed":  # many adapters, a token or two each: segments are cheaper
         assert batch.layouts["qkv"] == "segments"

@@ -154,11 +154,10 @@ class LlamaLayer:
             qkv = lora.apply("qkv", self.index, x, qkv)
         if self.qkv_bias is not None:
             qkv = qkv + self.qkv_bias
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        tokens = x.shape[0]
-        q = apply_rotary(q.view(tokens, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rotary(k.view(tokens, self.num_kv_heads, self.head_dim), cos, sin)
-        v = v.view(tokens, self.num_kv_heads, self.head_dim)
+        tokens, heads = x.shape[0], self.num_heads
+        qk = apply_rotary(qkv[:, : self.q_size + self.kv_size].view(tokens, heads + self.num_kv_heads, self.head_dim), cos, sin)
+        q, k = qk[:, :heads], qk[:, heads:]
+        v = qkv[:, self.q_size + self.kv_size :].view(tokens, self.num_kv_heads, self.head_dim)
         attn = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale)
         hidden = hidden + self._row_parallel(attn, self.o_weight, self.o_bias, lora, "o")
 
