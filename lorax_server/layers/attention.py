@@ -28,13 +28,13 @@ class AttentionMetadata:
     decode_bias: torch.Tensor | None  # [B, 1, K] float32 0 / -inf: the mask as decode attention adds it
     _key_rows: torch.Tensor | None = None
 
-    def key_rows(self, kv_heads: int, cache_blocks: int) -> torch.Tensor:
-        """[kv_heads * B * K/block_size] rows of a cache viewed as [kv_heads * cache_blocks, block] holding each
-        head's blocks, head-major; built once per forward. (Selecting rows of a 2-D view is several times faster
+    def key_rows(self, heads: int, cache_blocks: int) -> torch.Tensor:
+        """[heads * B * K/block_size] rows of a layer's cache viewed as [heads * cache_blocks, block] holding each
+        (key or value) head's blocks, head-major; built once per forward. (Selecting rows of a 2-D view is several times faster
         than index_select along the middle dimension.)"""
         if self._key_rows is None:
-            heads = torch.arange(kv_heads, device=self.key_blocks.device)[:, None] * cache_blocks
-            self._key_rows = (heads + self.key_blocks.view(1, -1)).view(-1)
+            offsets = torch.arange(heads, device=self.key_blocks.device)[:, None] * cache_blocks
+            self._key_rows = (offsets + self.key_blocks.view(1, -1)).view(-1)
         return self._key_rows
 
 
@@ -85,11 +85,11 @@ def build_metadata(
     )
 
 
-def _gather_blocks(cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-    """[Hkv, B, K, D]: each request's cache blocks laid end to end, per KV head."""
-    heads, slots, dim = cache.shape
+def _gather_blocks(kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    """[2 * Hkv, B, K, D]: each request's cache blocks laid end to end, keys' heads then values' heads."""
+    heads, slots, dim = kv_cache.shape[0] * kv_cache.shape[1], kv_cache.shape[2], kv_cache.shape[3]
     cache_blocks = slots // meta.block_size
-    rows = cache.view(heads * cache_blocks, meta.block_size * dim).index_select(0, meta.key_rows(heads, cache_blocks))
+    rows = kv_cache.view(heads * cache_blocks, meta.block_size * dim).index_select(0, meta.key_rows(heads, cache_blocks))
     return rows.view(heads, meta.key_blocks.shape[0], -1, dim)
 
 
@@ -104,19 +104,15 @@ def _decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
 
 
 def paged_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    meta: AttentionMetadata,
-    scale: float,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float
 ) -> torch.Tensor:
-    """Store k/v ([T, kv_heads, D]) in the caches ([kv_heads, slots, D]), attend q ([T, heads, D]);
-    returns [T, heads*D]."""
-    k_cache.index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
-    v_cache.index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
-    keys, values = _gather_blocks(k_cache, meta), _gather_blocks(v_cache, meta)
+    """Store k/v ([T, kv_heads, D]) in one layer's cache ([2, kv_heads, slots, D]), attend q ([T, heads, D]);
+    returns [T, heads*D]. Keys and values move together: one write and one gather per layer."""
+    kv_heads = k.shape[1]
+    new = torch.cat([k, v], dim=1).transpose(0, 1)  # [2 * Hkv, T, D]
+    kv_cache.view(2 * kv_heads, -1, k.shape[2]).index_copy_(1, meta.slot_mapping, new)
+    gathered = _gather_blocks(kv_cache, meta)
+    keys, values = gathered[:kv_heads], gathered[kv_heads:]
     if meta.decode_bias is not None:
         return _decode_attention(q, keys, values, meta.decode_bias, scale)
     batch, max_q = meta.query_index.shape
@@ -124,7 +120,7 @@ def paged_attention(
     queries = q[meta.query_index].transpose(1, 2)  # [B, H, Q, D]
     out = F.scaled_dot_product_attention(
         queries, keys.transpose(0, 1), values.transpose(0, 1), attn_mask=meta.mask, scale=scale,
-        enable_gqa=heads != keys.shape[0],
+        enable_gqa=heads != kv_heads,
     )
     out = out.transpose(1, 2).reshape(batch * max_q, heads * dim)
     return out[meta.output_index]

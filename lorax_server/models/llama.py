@@ -143,8 +143,7 @@ class LlamaLayer:
         hidden: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
+        kv_cache: torch.Tensor,
         meta: AttentionMetadata,
         lora: LoraBatch | None,
     ) -> torch.Tensor:
@@ -158,7 +157,7 @@ class LlamaLayer:
         qk = apply_rotary(qkv[:, : self.q_size + self.kv_size].view(tokens, heads + self.num_kv_heads, self.head_dim), cos, sin)
         q, k = qk[:, :heads], qk[:, heads:]
         v = qkv[:, self.q_size + self.kv_size :].view(tokens, self.num_kv_heads, self.head_dim)
-        attn = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale)
+        attn = paged_attention(q, k, v, kv_cache, meta, self.scale)
         hidden = hidden + self._row_parallel(attn, self.o_weight, self.o_bias, lora, "o")
 
         x = rms_norm(hidden, self.post_norm, self.eps)
@@ -231,7 +230,7 @@ class LlamaModel:
         hidden = self._embed(input_ids)
         cos, sin = self.rotary.tables(meta.positions)
         for i, layer in enumerate(self.layers):
-            hidden = layer.forward(hidden, cos, sin, kv_cache[i, 0], kv_cache[i, 1], meta, lora)
+            hidden = layer.forward(hidden, cos, sin, kv_cache[i], meta, lora)
         hidden = rms_norm(hidden[logit_rows], self.norm, self.cfg.rms_norm_eps)
         logits = hidden @ self.lm_head.t()
         return self.parallel.all_gather_last_dim(logits).float()
