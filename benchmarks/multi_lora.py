@@ -63,8 +63,8 @@ def matmul_floor(model, requests: int, new_tokens: int) -> float:
     start = time.perf_counter()
     for _ in range(new_tokens):
         for layer in model.layers:
-            hidden @ layer.qkv_weight, attn @ layer.o_weight, hidden @ layer.gate_up_weight, inter @ layer.down_weight
-        hidden @ model.lm_head.t()
+            layer.qkv(hidden), layer.o(attn), layer.gate_up(hidden), layer.down(inter)
+        model.lm_head(hidden)
     return requests * new_tokens / (time.perf_counter() - start)
 
 

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from lorax_server.dist import Parallel
 from lorax_server.adapters.weights import ModuleShape
 from lorax_server.layers.attention import AttentionMetadata, paged_attention
+from lorax_server.layers.linear import Linear
 from lorax_server.layers.lora import LoraBatch
 from lorax_server.layers.rotary import Rotary, apply_rotary
 from lorax_server.weights import Weights
@@ -108,7 +109,7 @@ class LlamaLayer:
             weights.get_rows(f"{p}.self_attn.k_proj.weight", k0 * d, k1 * d),
             weights.get_rows(f"{p}.self_attn.v_proj.weight", k0 * d, k1 * d),
         ]
-        self.qkv_weight = torch.cat(qkv).t().contiguous()
+        self.qkv = Linear(torch.cat(qkv))
         self.qkv_bias = None
         if cfg.qkv_bias:
             self.qkv_bias = torch.cat([
@@ -116,13 +117,13 @@ class LlamaLayer:
                 weights.get_rows(f"{p}.self_attn.k_proj.bias", k0 * d, k1 * d),
                 weights.get_rows(f"{p}.self_attn.v_proj.bias", k0 * d, k1 * d),
             ])
-        self.o_weight = weights.get_cols(f"{p}.self_attn.o_proj.weight", q0 * d, q1 * d).t().contiguous()
+        self.o = Linear(weights.get_cols(f"{p}.self_attn.o_proj.weight", q0 * d, q1 * d))
         self.o_bias = weights.get(f"{p}.self_attn.o_proj.bias") if cfg.o_bias else None
         i0, i1 = parallel.split(cfg.intermediate_size, "intermediate_size")
         self.inter, self.inter_range = i1 - i0, (i0, i1)
         gate_up = [weights.get_rows(f"{p}.mlp.gate_proj.weight", i0, i1), weights.get_rows(f"{p}.mlp.up_proj.weight", i0, i1)]
-        self.gate_up_weight = torch.cat(gate_up).t().contiguous()
-        self.down_weight = weights.get_cols(f"{p}.mlp.down_proj.weight", i0, i1).t().contiguous()
+        self.gate_up = Linear(torch.cat(gate_up))
+        self.down = Linear(weights.get_cols(f"{p}.mlp.down_proj.weight", i0, i1))
         if cfg.mlp_bias:
             raise ValueError("mlp_bias=true checkpoints are not supported")
         self.input_norm = weights.get(f"{p}.input_layernorm.weight")
@@ -130,9 +131,9 @@ class LlamaLayer:
         self.scale = d**-0.5
 
     def _row_parallel(
-        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora: LoraBatch | None, group: str
+        self, x: torch.Tensor, linear: Linear, bias: torch.Tensor | None, lora: LoraBatch | None, group: str
     ) -> torch.Tensor:
-        out = x @ weight
+        out = linear(x)
         if lora is not None:  # the partial x@A sums over ranks in the same all-reduce as the base output
             out = lora.apply(group, self.index, x, out)
         out = self.parallel.all_reduce(out)
@@ -148,7 +149,7 @@ class LlamaLayer:
         lora: LoraBatch | None,
     ) -> torch.Tensor:
         x = rms_norm(hidden, self.input_norm, self.eps)
-        qkv = x @ self.qkv_weight
+        qkv = self.qkv(x)
         if lora is not None:
             qkv = lora.apply("qkv", self.index, x, qkv)
         if self.qkv_bias is not None:
@@ -158,14 +159,14 @@ class LlamaLayer:
         q, k = qk[:, :heads], qk[:, heads:]
         v = qkv[:, self.q_size + self.kv_size :].view(tokens, self.num_kv_heads, self.head_dim)
         attn = paged_attention(q, k, v, kv_cache, meta, self.scale)
-        hidden = hidden + self._row_parallel(attn, self.o_weight, self.o_bias, lora, "o")
+        hidden = hidden + self._row_parallel(attn, self.o, self.o_bias, lora, "o")
 
         x = rms_norm(hidden, self.post_norm, self.eps)
-        gate_up = x @ self.gate_up_weight
+        gate_up = self.gate_up(x)
         if lora is not None:
             gate_up = lora.apply("gate_up", self.index, x, gate_up)
         gate, up = gate_up.split([self.inter, self.inter], dim=-1)
-        return hidden + self._row_parallel(F.silu(gate) * up, self.down_weight, None, lora, "down")
+        return hidden + self._row_parallel(F.silu(gate) * up, self.down, None, lora, "down")
 
 
 class LlamaModel:
@@ -178,9 +179,9 @@ class LlamaModel:
         self.vocab_start, self.vocab_stop = parallel.split(cfg.vocab_size, "vocab_size")
         self.embed = weights.get_rows("model.embed_tokens.weight", self.vocab_start, self.vocab_stop)
         if cfg.tie_word_embeddings or "lm_head.weight" not in weights:
-            self.lm_head = self.embed
+            self.lm_head = Linear(self.embed)
         else:
-            self.lm_head = weights.get_rows("lm_head.weight", self.vocab_start, self.vocab_stop)
+            self.lm_head = Linear(weights.get_rows("lm_head.weight", self.vocab_start, self.vocab_stop))
         self.layers = [LlamaLayer(cfg, weights, parallel, i) for i in range(cfg.num_layers)]
         self.norm = weights.get("model.norm.weight")
         self.rotary = Rotary(config, cfg.head_dim, cfg.max_position_embeddings, self.device, self.dtype)
@@ -232,5 +233,5 @@ class LlamaModel:
         for i, layer in enumerate(self.layers):
             hidden = layer.forward(hidden, cos, sin, kv_cache[i], meta, lora)
         hidden = rms_norm(hidden[logit_rows], self.norm, self.cfg.rms_norm_eps)
-        logits = hidden @ self.lm_head.t()
+        logits = self.lm_head(hidden)
         return self.parallel.all_gather_last_dim(logits).float()
