@@ -25,7 +25,7 @@ class Linear:
         self.dtype = weight.dtype
         self._onednn = _use_onednn(weight)
         # The row count is only a layout hint: the packed weight serves any number of rows.
-        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), 32) if self._onednn else weight
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), 128) if self._onednn else weight
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self._onednn:
