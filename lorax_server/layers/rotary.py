@@ -35,7 +35,7 @@ class Rotary:
     """Precomputed cos/sin tables looked up by absolute position.
 
     The sin table carries rotate-half's sign: [-sin, +sin] over the two halves, so rotating is a swap of the
-    halves and two multiplies (bit-identical to x*cos + cat(-x2, x1)*sin, with fewer kernels per layer)."""
+    halves, a multiply and a fused multiply-add (x*cos + cat(-x2, x1)*sin up to the last bit, in fewer kernels)."""
 
     def __init__(self, config: dict, head_dim: int, max_positions: int, device: torch.device, dtype: torch.dtype):
         inv = inverse_frequencies(config, head_dim)
@@ -50,5 +50,5 @@ class Rotary:
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
     """Rotate [tokens, heads, head_dim] vectors by their positions' angles."""
-    swapped = x.unflatten(-1, (2, x.shape[-1] // 2)).flip(-2).flatten(-2)
-    return x * cos + swapped * signed_sin
+    swapped = torch.roll(x, x.shape[-1] // 2, dims=-1)
+    return torch.addcmul(x * cos, swapped, signed_sin)

@@ -71,7 +71,11 @@ class LlamaConfig:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm computed in float32, as the reference checkpoints were trained."""
+    """RMSNorm computed in float32, as the reference checkpoints were trained. Float32 inputs take torch's fused
+    kernel (the same arithmetic in one pass); narrower ones round to their dtype before the weight, as the
+    checkpoints' reference code does."""
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, weight.shape, weight, eps)
     x32 = x.float()
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return weight * x32.to(x.dtype)
