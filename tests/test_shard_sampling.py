@@ -11,7 +11,7 @@ from lorax_server.dist import Parallel
 from lorax_server.kv_cache import KVCache, OutOfBlocks
 from lorax_server.pb import generate_pb2 as pb
 from lorax_server.sampling import (
-    SamplingParams, Watermark, apply_penalties, apply_watermark, choose, green_list, uniform_noise, warp,
+    SamplingParams, Watermark, apply_penalties, apply_watermark, argmax_rows, choose, green_list, uniform_noise, warp,
 )
 from lorax_server.shard import build_service
 from tests.test_shard_exactness import make_request
@@ -251,3 +251,14 @@ def test_watermarked_text_is_detectable_and_plain_text_is_not(generator):
     gamma = generator.watermark.gamma
     assert watermark_z(texts(True), generator.vocab, gamma) > 4.0
     assert abs(watermark_z(texts(False), generator.vocab, gamma)) < 2.0
+
+
+@pytest.mark.parametrize("vocab", [1000, 2048, 49152, 50257])
+def test_argmax_rows_is_argmax_with_first_index_on_ties(vocab: int) -> None:
+    torch.manual_seed(vocab)
+    logits = torch.randint(0, 6, (9, vocab)).float()  # many exact ties
+    logits[1, -2:] = 7.0  # the maximum in the partial last chunk
+    logits[2, :] = float("-inf")
+    logits[2, 5] = 0.0
+    logits[3, 1500 % vocab] = 1e9
+    assert torch.equal(argmax_rows(logits), logits.argmax(-1))
