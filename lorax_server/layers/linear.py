@@ -10,19 +10,22 @@ import torch
 import torch.nn.functional as F
 
 _ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
+# Private ops (the ones torch.compile's CPU backend emits): checked once, so a torch without them falls back.
+_ONEDNN = torch.backends.mkldnn.is_available() and all(
+    hasattr(torch.ops.mkldnn, op) for op in ("_reorder_linear_weight", "_linear_pointwise")
+)
 
 
 def _use_onednn(weight: torch.Tensor) -> bool:
-    return weight.device.type == "cpu" and weight.dtype in _ONEDNN_DTYPES and torch.backends.mkldnn.is_available()
+    return _ONEDNN and weight.device.type == "cpu" and weight.dtype in _ONEDNN_DTYPES
 
 
 class Linear:
-    """A weight [out, in] ready to multiply [tokens, in] activations. The dense weight is not kept on CPU (the
-    blocked copy replaces it), so take what else needs it (a tied embedding, say) before building one."""
+    """A weight [out, in] ready to multiply [tokens, in] activations. On CPU only the blocked copy is held, so the
+    dense tensor is freed when its owner drops it (a tied embedding keeps its own for lookups)."""
 
     def __init__(self, weight: torch.Tensor):
         self.out_features, self.in_features = weight.shape
-        self.dtype = weight.dtype
         self._onednn = _use_onednn(weight)
         # The row count is only a layout hint: the packed weight serves any number of rows.
         self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), 128) if self._onednn else weight
