@@ -1,1 +1,1 @@
-"""Building blocks of the models: rotary embeddings, paged attention, tensor-parallel linears."""
+"""Building blocks of the models: rotary embeddings, paged attention, packed linear projections, batched multi-LoRA."""
