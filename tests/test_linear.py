@@ -28,7 +28,7 @@ def test_linear_reads_strided_activations() -> None:
     torch.testing.assert_close(Linear(weight)(wide[:, ::2]), F.linear(wide[:, ::2], weight))
 
 
-def test_cpu_weights_are_packed_once() -> None:
+def test_cpu_weights_are_held_in_onednn_layout() -> None:
     """On CPU the float32 weight is held in oneDNN's blocked layout, not as the dense tensor it came from."""
     weight = torch.randn(16, 24)
     packed = Linear(weight)

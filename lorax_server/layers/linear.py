@@ -21,8 +21,8 @@ def _use_onednn(weight: torch.Tensor) -> bool:
 
 
 class Linear:
-    """A weight [out, in] ready to multiply [tokens, in] activations. On CPU only the blocked copy is held, so the
-    dense tensor is freed when its owner drops it (a tied embedding keeps its own for lookups)."""
+    """A weight [out, in] ready to multiply [tokens, in] activations. On CPU (float32/bfloat16) only the blocked copy is
+    held, so the dense tensor is freed when its owner drops it (a tied embedding keeps its own for lookups)."""
 
     def __init__(self, weight: torch.Tensor):
         self.out_features, self.in_features = weight.shape

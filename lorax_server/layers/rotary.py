@@ -35,7 +35,8 @@ class Rotary:
     """Precomputed cos/sin tables looked up by absolute position.
 
     The sin table carries rotate-half's sign: [-sin, +sin] over the two halves, so rotating is a swap of the
-    halves, a multiply and a fused multiply-add (x*cos + cat(-x2, x1)*sin up to the last bit, in fewer kernels)."""
+    halves, a multiply and a fused multiply-add: x*cos + cat(-x2, x1)*sin in three kernels (the fused add may round
+    the last bit differently)."""
 
     def __init__(self, config: dict, head_dim: int, max_positions: int, device: torch.device, dtype: torch.dtype):
         inv = inverse_frequencies(config, head_dim)
