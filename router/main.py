@@ -238,6 +238,7 @@ async def build_router(args: argparse.Namespace, tokenizer: Tokenizer, client: S
     config = AppConfig(
         info=info, default_adapter_source=args.adapter_source, cors_allow_origins=tuple(args.cors_allow_origin),
         tokenizer=ModelTokenizer.load(tokenizer, args.tokenizer_name, args.revision),
+        adapter_tiers=lambda: client.adapter_memory,
     )
     return Router(create_app(infer, client.health, config, metrics), scheduler, batching, tokenizers, tracer)
 

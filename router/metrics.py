@@ -119,7 +119,7 @@ class Metrics:
 
     def adapter_tiers(self, read: Callable[[], dict[str, tuple[int, int]]]) -> None:
         """Read the adapter tiers ({tier: (adapters, bytes)}) at every scrape."""
-        for tier in ("device", "host", "disk"):
+        for tier in read():
             self._metrics["adapter_tier_adapters"].labels(tier=tier).set_function(lambda t=tier: read()[t][0])
             self._metrics["adapter_tier_bytes"].labels(tier=tier).set_function(lambda t=tier: read()[t][1])
 

@@ -167,6 +167,13 @@ class ErrorResponse(BaseModel):
     error_type: str
 
 
+class AdapterTier(BaseModel):
+    """Adapters in one tier of the shards and the bytes they hold (`device_pool`: the slot pools, used or free)."""
+
+    adapters: int
+    bytes: int
+
+
 class Info(BaseModel):
     model_config = ConfigDict(protected_namespaces=())
 
@@ -189,6 +196,7 @@ class Info(BaseModel):
     sha: str | None = None
     docker_label: str | None = None
     request_logger_url: str | None = None
+    adapter_tiers: dict[str, AdapterTier] | None = None
 
 
 class TokenizeRequest(LenientModel):

@@ -23,6 +23,9 @@ _CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", 2**31 - 1),
 ]
 
+# device: rows active adapters own; device_pool: what the slot pools hold on the device, used or free
+ADAPTER_TIERS = ("device", "device_pool", "host", "disk")
+
 
 class ShardError(Exception):
     """A shard refused or failed a call; `str(error)` is the message shown to users."""
@@ -64,7 +67,7 @@ class ShardedClient:
         self._channels = channels
         self._stubs = [generate_pb2_grpc.LoraxServiceStub(channel) for channel in channels]
         # tier -> (adapters, bytes), from the shards' latest adapter RPC replies
-        self.adapter_memory: dict[str, tuple[int, int]] = {tier: (0, 0) for tier in ("device", "host", "disk")}
+        self.adapter_memory: dict[str, tuple[int, int]] = {tier: (0, 0) for tier in ADAPTER_TIERS}
 
     @classmethod
     async def connect(cls, master_uds_path: str, timeout_s: float = 60.0) -> ShardedClient:
@@ -155,6 +158,7 @@ class ShardedClient:
         self.adapter_memory["disk"] = (first.disk_adapters, first.disk_bytes)
         if not disk_only:
             self.adapter_memory["device"] = (first.device_adapters, sum(r.device_bytes for r in reports))
+            self.adapter_memory["device_pool"] = (first.device_adapters, sum(r.device_pool_bytes for r in reports))
             self.adapter_memory["host"] = (first.host_adapters, sum(r.host_bytes for r in reports))
 
 

@@ -1,6 +1,6 @@
 """The shard's adapters across three tiers: disk (the weights cache), host memory (a bounded LRU of recently
-used adapters, so re-activating one does not re-read disk) and the device (what the router activated, by
-index). It also builds, per batch composition, the side-by-side stacks the LoRA layers apply."""
+used adapters, so re-activating one does not re-read disk) and the device (what the router activated: slots in
+the preallocated pools of `slots.py`). Per batch it only maps requests to slots."""
 from __future__ import annotations
 
 import logging
@@ -15,7 +15,8 @@ from lorax_server.adapters.config import AdapterError, read_config
 from lorax_server.adapters.merge import merge
 from lorax_server.adapters.sources import fetch_adapter
 from lorax_server.adapters.weights import LoraWeights, load_lora, shard_lora
-from lorax_server.layers.lora import LoraBatch, stack_adapters
+from lorax_server.adapters.slots import SlotPools
+from lorax_server.layers.lora import LoraBatch
 from lorax_server.pb import generate_pb2
 
 logger = logging.getLogger(__name__)
@@ -58,21 +59,16 @@ class AdapterKey:
 class AdapterRegistry:
     def __init__(self, model, device: torch.device, host_capacity: int = 64):
         self.model, self.device, self.dtype = model, device, model.dtype
-        # The stacked per-batch LoRA weights: CPU batched matmuls over many tiny matrices are 2x slower in
-        # bfloat16/float16 than in float32 (no fused low-precision bmm kernel), and the stacks are small.
-        self.stack_dtype = torch.float32 if device.type == "cpu" else model.dtype
         self.shapes = model.lora_shapes()
         self.host_capacity = host_capacity
         self.host: OrderedDict[AdapterKey, LoraWeights] = OrderedDict()  # CPU tier, LRU
-        self.active: dict[int, LoraWeights] = {}  # device tier, by router index
         self.disk: dict[Path, int] = {}  # weight bytes of every adapter folder this shard has read
-        self._stacks: OrderedDict[tuple[int, ...], dict] = OrderedDict()
-        layer = model.layers[0]
-        self._out_sizes = {
-            "q_proj": layer.q_size, "k_proj": layer.kv_size, "v_proj": layer.kv_size, "o_proj": model.cfg.hidden_size,
-            "gate_proj": layer.inter, "up_proj": layer.inter, "down_proj": model.cfg.hidden_size,
+        local = {
+            m: (s.stop - s.start if s.split == "in" else s.in_features, s.stop - s.start if s.split == "out" else s.out_features)
+            for m, s in self.shapes.items()
         }
-        self._in_sizes = {"qkv": model.cfg.hidden_size, "o": layer.q_size, "gate_up": model.cfg.hidden_size, "down": layer.inter}
+        self._out_sizes = {m: out for m, (_, out) in local.items()}
+        self.pools = SlotPools(local, len(model.layers), model.dtype, device, int(self._reservation()))
 
     # ---- tiers ------------------------------------------------------------------------------------
     def _read_one(self, adapter_id: str, source: str, api_token: str | None, trusted: bool, scale: float | None = None) -> tuple[LoraWeights, float]:
@@ -119,13 +115,17 @@ class AdapterRegistry:
             self.host.popitem(last=False)
         return weights
 
-    def memory_fraction(self, weights: LoraWeights) -> float:
-        """Share of the adapter memory reservation one adapter takes (the router's budget unit)."""
+    def _reservation(self) -> float:
+        """Bytes set aside for device adapters: ADAPTER_MEMORY_FRACTION of the device's (or host's) memory."""
         if self.device.type == "cuda":
             total = torch.cuda.get_device_properties(self.device).total_memory
         else:
             total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        reserved = float(os.environ.get("ADAPTER_MEMORY_FRACTION", "0.1")) * total
+        return float(os.environ.get("ADAPTER_MEMORY_FRACTION", "0.1")) * total
+
+    def memory_fraction(self, weights: LoraWeights) -> float:
+        """Share of the adapter memory reservation one adapter takes (the router's budget unit)."""
+        reserved = self._reservation()
         if reserved <= 0:
             raise AdapterError("Memory reserved for adapters is 0 (ADAPTER_MEMORY_FRACTION)")
         fraction = weights.nbytes / reserved
@@ -134,27 +134,24 @@ class AdapterRegistry:
         return fraction
 
     def load(self, key: AdapterKey, index: int, api_token: str | None = None, trusted: bool = False) -> None:
-        """Put the adapter on the device under the router's index."""
+        """Write the adapter into a device slot under the router's index (runs on the model thread)."""
         weights = self.fetch(key, api_token, trusted)
-        self.active[index] = weights.to(self.device, self.dtype)
-        self._stacks.clear()
-        logger.info("adapter %s loaded at index %d (rank %d)", key, index, weights.rank)
+        slot = self.pools.add(index, weights)
+        logger.info("adapter %s loaded at index %d into slot %d (rank %d)", key, index, slot, weights.rank)
 
     def offload(self, index: int) -> bool:
-        """Free the device copy (the host copy stays in the LRU)."""
-        if self.active.pop(index, None) is None:
-            return False
-        self._stacks.clear()
-        return True
+        """Free the adapter's slot and rows (the host copy stays in the LRU)."""
+        return self.pools.remove(index)
 
     def memory(self) -> generate_pb2.AdapterMemory:
         """Adapters and bytes per tier, reported to the router with every adapter RPC (it exports them as metrics).
 
         Fetches run on worker threads and loads on the model thread, so the tiers are copied (one C-level step under
         the GIL) before they are summed: iterating a dict another thread grows would raise."""
-        device, host, disk = list(self.active.values()), list(self.host.values()), list(self.disk.values())
+        host, disk = list(self.host.values()), list(self.disk.values())
         return generate_pb2.AdapterMemory(
-            device_bytes=sum(w.nbytes for w in device), device_adapters=len(device),
+            device_bytes=self.pools.bytes_used, device_adapters=len(self.pools.slot_of),
+            device_pool_bytes=self.pools.bytes_held,
             host_bytes=sum(w.nbytes for w in host), host_adapters=len(host),
             disk_bytes=sum(disk), disk_adapters=len(disk),
         )
@@ -162,27 +159,12 @@ class AdapterRegistry:
     # ---- per batch -------------------------------------------------------------------------------
     def lora_batch(self, adapter_indices: torch.Tensor, token_counts: torch.Tensor | None) -> LoraBatch | None:
         """LoRA inputs for a batch whose requests use `adapter_indices` (one per request; `token_counts`
-        tokens each in prefill, one each in decode). None when no request uses a loaded adapter."""
-        used = set(adapter_indices.tolist())
-        missing = sorted(i for i in used if i != 0 and i not in self.active)
-        if missing:  # never run a request on the base model when it asked for an adapter
-            raise ValueError(f"adapter index {missing[0]} is not loaded on this shard")
-        present = tuple(i for i in sorted(used) if i in self.active)
-        if not present:
+        tokens each in prefill, one each in decode). None when no adapter is loaded."""
+        if not self.pools.slot_of:
+            if bool((adapter_indices != 0).any()):
+                raise ValueError(f"adapter index {int(adapter_indices.max())} is not loaded on this shard")
             return None
-        groups = self._stacks.get(present)
-        if groups is None:
-            groups = stack_adapters(
-                [self.active[i] for i in present], self._out_sizes, len(self.model.layers), self._in_sizes,
-                self.stack_dtype, self.device,
-            )
-            self._stacks[present] = groups
-            while len(self._stacks) > 16:
-                self._stacks.popitem(last=False)
-        lut = torch.full((max(adapter_indices.max().item(), max(present)) + 1,), -1, dtype=torch.int64, device=self.device)
-        lut[torch.tensor(present, device=self.device)] = torch.arange(len(present), device=self.device)
-        slots = lut[adapter_indices]
+        slots = self.pools.token_slots(adapter_indices)
         if token_counts is not None:
             slots = slots.repeat_interleave(token_counts)
-        return LoraBatch(groups, slots)
-
+        return LoraBatch(self.pools, slots, self._out_sizes)

@@ -374,20 +374,22 @@ class DownloadAdapterRequest(_message.Message):
     def __init__(self, adapter_parameters: _Optional[_Union[AdapterParameters, _Mapping]] = ..., adapter_source: _Optional[_Union[AdapterSource, str]] = ..., api_token: _Optional[str] = ...) -> None: ...
 
 class AdapterMemory(_message.Message):
-    __slots__ = ("device_bytes", "device_adapters", "host_bytes", "host_adapters", "disk_bytes", "disk_adapters")
+    __slots__ = ("device_bytes", "device_adapters", "host_bytes", "host_adapters", "disk_bytes", "disk_adapters", "device_pool_bytes")
     DEVICE_BYTES_FIELD_NUMBER: _ClassVar[int]
     DEVICE_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     HOST_BYTES_FIELD_NUMBER: _ClassVar[int]
     HOST_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     DISK_BYTES_FIELD_NUMBER: _ClassVar[int]
     DISK_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_POOL_BYTES_FIELD_NUMBER: _ClassVar[int]
     device_bytes: int
     device_adapters: int
     host_bytes: int
     host_adapters: int
     disk_bytes: int
     disk_adapters: int
-    def __init__(self, device_bytes: _Optional[int] = ..., device_adapters: _Optional[int] = ..., host_bytes: _Optional[int] = ..., host_adapters: _Optional[int] = ..., disk_bytes: _Optional[int] = ..., disk_adapters: _Optional[int] = ...) -> None: ...
+    device_pool_bytes: int
+    def __init__(self, device_bytes: _Optional[int] = ..., device_adapters: _Optional[int] = ..., host_bytes: _Optional[int] = ..., host_adapters: _Optional[int] = ..., disk_bytes: _Optional[int] = ..., disk_adapters: _Optional[int] = ..., device_pool_bytes: _Optional[int] = ...) -> None: ...
 
 class DownloadAdapterResponse(_message.Message):
     __slots__ = ("downloaded", "memory_fraction", "memory")
