@@ -46,7 +46,7 @@ def serve(model_id, adapter_id, revision, sharded, quantize, compile_, dtype, tr
         raise click.UsageError("--sharded needs RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT in the environment")
     from lorax_server import dist
     from lorax_server.shard import build_service
-    from lorax_server.server import serve as serve_grpc
+    from lorax_server.server import model_thread, serve as serve_grpc
 
     parallel, device = dist.initialize()
     provider = None
@@ -54,7 +54,11 @@ def serve(model_id, adapter_id, revision, sharded, quantize, compile_, dtype, tr
         provider = tracing.otlp_provider(otlp_endpoint, tracing.SHARD_SERVICE)
         tracing.configure(provider)
     try:
-        service = build_service(model_id, revision, source, dtype, parallel, device, uds_path, adapter_id, adapter_source)
+        worker = model_thread()  # all tensor work, loading included, on one thread (see server.py)
+        service = worker.submit(
+            build_service, model_id, revision, source, dtype, parallel, device, uds_path, adapter_id, adapter_source,
+            worker,
+        ).result()
         socket_path = f"{uds_path}-{parallel.rank}"
         if os.path.exists(socket_path):
             os.unlink(socket_path)

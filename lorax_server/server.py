@@ -1,8 +1,12 @@
 """The shard's gRPC service: turns RPCs into Generator calls and keeps live batches by id.
 
-Model work runs on one worker thread (the model and KV cache are not thread-safe, and every shard of a
-tensor-parallel group must run the same collectives in the same order); the event loop stays free to answer
-Health and Info meanwhile. Any exception becomes a gRPC error carrying its message.
+Every tensor operation runs on one model thread, from loading the weights on (see `model_thread`): the model and
+KV cache are not thread-safe, every shard of a tensor-parallel group must run the same collectives in the same
+order, and on CPU each thread that runs parallel torch ops gets its own OpenMP team. A second team (say, the main
+thread's from loading the model) makes OpenMP put its workers to sleep between parallel regions instead of
+spinning, which cost a quarter of CPU decode throughput. The event loop stays free to answer Health and Info, and
+adapter downloads run on other threads, doing no tensor work. Any exception becomes a gRPC error carrying its
+message.
 """
 from __future__ import annotations
 
@@ -48,13 +52,19 @@ def _rpc(method):
     return wrapper
 
 
+def model_thread() -> ThreadPoolExecutor:
+    """The one thread that runs a shard's tensor work."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+
+
 class LoraxService(generate_pb2_grpc.LoraxServiceServicer):
-    def __init__(self, generator: Generator, parallel: Parallel, uds_base: str):
+    def __init__(self, generator: Generator, parallel: Parallel, uds_base: str, worker: ThreadPoolExecutor | None = None):
+        """worker: the model thread the generator was built on (a new one when built on the calling thread)."""
         self.generator = generator
         self.parallel = parallel
         self.uds_base = uds_base
         self.batches: dict[int, Batch] = {}
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        self._worker = worker or model_thread()
 
     async def _run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
@@ -167,7 +177,8 @@ class LoraxService(generate_pb2_grpc.LoraxServiceServicer):
             return generate_pb2.DownloadAdapterResponse(downloaded=False, memory=self.generator.adapters.memory())
         token = request.api_token if request.HasField("api_token") else None
         registry = self.generator.adapters
-        weights = await asyncio.to_thread(registry.fetch, key, token)  # network/disk: off the model thread
+        folders = await asyncio.to_thread(registry.download, key, token)  # network/disk: off the model thread
+        weights = await self._run(registry.fetch, key, token, False, folders)
         return generate_pb2.DownloadAdapterResponse(
             downloaded=True, memory_fraction=registry.memory_fraction(weights), memory=registry.memory()
         )
@@ -179,8 +190,8 @@ class LoraxService(generate_pb2_grpc.LoraxServiceServicer):
             return generate_pb2.LoadAdapterResponse(loaded=False, memory=self.generator.adapters.memory())
         token = request.api_token if request.HasField("api_token") else None
         registry = self.generator.adapters
-        await asyncio.to_thread(registry.fetch, key, token)
-        await self._run(registry.load, key, request.adapter_index, token)
+        folders = await asyncio.to_thread(registry.download, key, token)
+        await self._run(registry.load, key, request.adapter_index, token, False, folders)
         return generate_pb2.LoadAdapterResponse(loaded=True, memory=registry.memory())
 
     @_rpc

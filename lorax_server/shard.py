@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -18,9 +19,10 @@ logger = logging.getLogger(__name__)
 
 def build_service(
     model_id: str, revision: str | None, source: str, dtype: str | None, parallel: Parallel, device: torch.device,
-    uds_path: str, adapter_id: str = "", adapter_source: str = "hub",
+    uds_path: str, adapter_id: str = "", adapter_source: str = "hub", worker: ThreadPoolExecutor | None = None,
 ) -> LoraxService:
-    """A ready service; a static `adapter_id` is loaded at index 0, so it applies to requests naming none."""
+    """A ready service; a static `adapter_id` is loaded at index 0, so it applies to requests naming none.
+    Call it on `worker`, the model thread the service will run its tensor work on."""
     from transformers import AutoTokenizer
 
     if device.type == "cpu":
@@ -33,4 +35,4 @@ def build_service(
     if adapter_id:
         adapters.load(AdapterKey((adapter_id,), adapter_source), 0, trusted=True)
     generator = Generator(model, tokenizer, eos_token_ids(folder, tokenizer), parallel, device, adapters)
-    return LoraxService(generator, parallel, uds_path)
+    return LoraxService(generator, parallel, uds_path, worker)

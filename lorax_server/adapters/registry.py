@@ -71,8 +71,16 @@ class AdapterRegistry:
         self.pools = SlotPools(local, len(model.layers), model.dtype, device, int(self._reservation()))
 
     # ---- tiers ------------------------------------------------------------------------------------
-    def _read_one(self, adapter_id: str, source: str, api_token: str | None, trusted: bool, scale: float | None = None) -> tuple[LoraWeights, float]:
-        folder = fetch_adapter(adapter_id, source, api_token, trusted)
+    def download(self, key: AdapterKey, api_token: str | None = None, trusted: bool = False) -> list[Path] | None:
+        """The local folder of every id of the adapter (network and disk only, no tensor work: safe on any
+        thread); None when the host tier already holds it."""
+        if key in self.host:
+            return None
+        if BASE_MODEL_ID in key.ids:
+            raise AdapterError("merged adapters cannot include the base model")
+        return [fetch_adapter(i, key.source, api_token, trusted) for i in key.ids]
+
+    def _read_one(self, folder: Path, adapter_id: str, scale: float | None = None) -> tuple[LoraWeights, float]:
         config = read_config(folder, adapter_id)
         self._check_base(config.base_model_name_or_path, adapter_id)
         weights = load_lora(folder, adapter_id, config.scale if scale is None else scale, self.shapes, len(self.model.layers))
@@ -93,17 +101,19 @@ class AdapterRegistry:
             if theirs and ours and theirs != ours:
                 raise AdapterError(f"adapter '{adapter_id}' was trained for {theirs[0]}, but this server runs {ours[0]}")
 
-    def fetch(self, key: AdapterKey, api_token: str | None = None, trusted: bool = False) -> LoraWeights:
-        """The adapter's CPU weights: from the host LRU, else read (and merge) from disk."""
+    def fetch(
+        self, key: AdapterKey, api_token: str | None = None, trusted: bool = False, folders: list[Path] | None = None
+    ) -> LoraWeights:
+        """The adapter's CPU weights: from the host LRU, else read (and merge) from `folders` (downloaded here
+        when not given). Tensor work: run it on the model thread (see server.py)."""
         if key in self.host:
             self.host.move_to_end(key)
             return self.host[key]
+        folders = folders or self.download(key, api_token, trusted)
         if len(key.ids) == 1:
-            whole, _ = self._read_one(key.ids[0], key.source, api_token, trusted)
+            whole, _ = self._read_one(folders[0], key.ids[0])
         else:
-            if BASE_MODEL_ID in key.ids:
-                raise AdapterError("merged adapters cannot include the base model")
-            parts = [self._read_one(i, key.source, api_token, trusted, scale=1.0) for i in key.ids]
+            parts = [self._read_one(folder, i, scale=1.0) for folder, i in zip(folders, key.ids)]
             if key.weights and len(key.weights) != len(key.ids):
                 raise AdapterError("number of adapter IDs must match number of adapter weights")
             merged = merge([w for w, _ in parts], list(key.weights), key.strategy, key.density, key.sign_method)
@@ -133,9 +143,12 @@ class AdapterRegistry:
             raise AdapterError(f"adapter is larger than the adapter memory reservation ({weights.nbytes} bytes)")
         return fraction
 
-    def load(self, key: AdapterKey, index: int, api_token: str | None = None, trusted: bool = False) -> None:
+    def load(
+        self, key: AdapterKey, index: int, api_token: str | None = None, trusted: bool = False,
+        folders: list[Path] | None = None,
+    ) -> None:
         """Write the adapter into a device slot under the router's index (runs on the model thread)."""
-        weights = self.fetch(key, api_token, trusted)
+        weights = self.fetch(key, api_token, trusted, folders)
         slot = self.pools.add(index, weights)
         logger.info("adapter %s loaded at index %d into slot %d (rank %d)", key, index, slot, weights.rank)
 
