@@ -10,12 +10,18 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <cstring>
 #include <vector>
 
 namespace {
 
 inline float to_float(float v) { return v; }
-inline float to_float(c10::BFloat16 v) { return static_cast<float>(v); }
+inline float to_float(c10::BFloat16 v) {  // the bits of a bfloat16 are a float's top half: vectorizes as a shift
+  uint32_t bits = static_cast<uint32_t>(v.x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
 inline float to_float(c10::Half v) { return static_cast<float>(v); }
 
 template <typename w_t>
