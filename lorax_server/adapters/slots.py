@@ -61,6 +61,7 @@ class SlotPools:
             for m, (d_in, d_out) in sizes.items()
         }
         self.slot_of: dict[int, int] = {}  # router index -> slot
+        self.targets: dict[int, frozenset[str]] = {}  # slot -> the modules its adapter targets
         self.weights: dict[int, LoraWeights] = {}  # router index -> its (host) weights, for the tier report
         self._free_slots: deque[int] = deque(range(_MIN_SLOTS))
         self._lut = torch.full((1,), -1, dtype=torch.int64, device=device)  # router index -> slot (or -1)
@@ -85,6 +86,7 @@ class SlotPools:
             pool.b[:, index_t] = b.to(self.device, self.dtype)  # [L, r, out]
             pool.rows[slot, :rank] = index_t.to(torch.int32)
         self.slot_of[index] = slot
+        self.targets[slot] = frozenset(weights.modules)
         self.weights[index] = weights
         if index >= self._lut.numel():
             lut = torch.full((max(index + 1, 2 * self._lut.numel()),), -1, dtype=torch.int64, device=self.device)
@@ -104,6 +106,7 @@ class SlotPools:
             pool.free.extend(owned[owned >= 0].tolist())
             owned.fill_(-1)
         self._lut[index] = -1
+        del self.targets[slot]
         self._free_slots.append(slot)  # reused last, so a reloaded adapter lands in another slot
         return True
 

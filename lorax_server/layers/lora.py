@@ -27,13 +27,14 @@ class LoraBatch:
     def __init__(self, pools: SlotPools, token_slots: torch.Tensor, out_sizes: dict[str, int]):
         """token_slots [T]: each token's slot, -1 for the base model. out_sizes: module -> output features."""
         self.token_slots = token_slots
-        self._groups = {}
+        targeted = set().union(*(pools.targets[s] for s in set(token_slots.tolist()) if s >= 0))
+        self._groups = {}  # only the modules some token's adapter targets: no kernel call for the rest
         for group, modules in GROUPS.items():
             offsets, start = [], 0
             for m in modules:
                 offsets.append(start)
                 start += out_sizes[m]
-            used = [(m, off) for m, off in zip(modules, offsets) if pools.pools[m].a.shape[1] > 0]
+            used = [(m, off) for m, off in zip(modules, offsets) if m in targeted]
             if used:
                 p = [pools.pools[m] for m, _ in used]
                 self._groups[group] = ([x.a for x in p], [x.b for x in p], [x.rows for x in p], [off for _, off in used])
