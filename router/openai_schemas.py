@@ -85,7 +85,7 @@ ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 
 
 class ChatMessage(LenientModel):
-    role: str
+    role: Literal["system", "developer", "user", "assistant", "tool"]  # any other role is a 422, never rendered
     content: str | list[ContentPart] | None = None
     name: str | None = None
     tool_calls: list[dict[str, Any]] | None = None

@@ -321,6 +321,7 @@ def test_bad_requests_are_4xx_json(tmp_path):
                                     {"model": "", "prompt": "w1", "logprobs": "yes"}],
                 "/v1/chat/completions": [{"model": ""}, {"model": "", "messages": []},
                                          {"model": "", "messages": [{"content": "w1"}]},
+                                         {"model": "", "messages": [{"role": "wizard", "content": "w1"}]},
                                          {"model": "", "messages": USER, "tools": [{"function": {}}]}],
                 "/tokenize": [{}, {"inputs": ["w1"]}],
             }

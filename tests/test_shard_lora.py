@@ -57,7 +57,7 @@ def test_mixed_adapters_match_peft(arch, tmp_path, monkeypatch):
 
 def test_bad_adapters_are_refused_with_reason(tmp_path, monkeypatch, tiny_model_dir):
     monkeypatch.setenv("LORAX_LOCAL_ADAPTER_ROOTS", str(tmp_path))
-    folder, _ = tiny_model_dir
+    folder, model = tiny_model_dir
     registry = build_service(str(folder), None, "hub", None, Parallel(), torch.device("cpu"), "/unused").generator.adapters
     with pytest.raises(AdapterError, match="does not exist"):
         registry.fetch(AdapterKey((str(tmp_path / "missing"),), "local"))
@@ -71,6 +71,26 @@ def test_bad_adapters_are_refused_with_reason(tmp_path, monkeypatch, tiny_model_
     wrong = make_adapter(other, tmp_path / "wrong", 1, 4, 8, ["q_proj"])
     with pytest.raises(AdapterError, match="do not fit the base model"):
         registry.fetch(AdapterKey((str(wrong),), "local"))
+    import json
+
+    def edited(name: str, **changes) -> str:
+        """A copy of a q,v rank-8 adapter whose adapter_config.json says otherwise."""
+        folder = make_adapter(model, tmp_path / name, 7, 8, 16, ["q_proj", "v_proj"])
+        config = json.loads((folder / "adapter_config.json").read_text())
+        (folder / "adapter_config.json").write_text(json.dumps({**config, **changes}))
+        return str(folder)
+
+    with pytest.raises(AdapterError, match="says r=3, but its q_proj weights have rank 8"):
+        registry.fetch(AdapterKey((edited("rank", r=3),), "local"))
+    with pytest.raises(AdapterError, match="disagree on target modules .weights for v_proj not targeted"):
+        registry.fetch(AdapterKey((edited("targets", target_modules=["q_proj"]),), "local"))
+    with pytest.raises(AdapterError, match="k_proj targeted without weights"):
+        registry.fetch(AdapterKey((edited("absent", target_modules=["q_proj", "k_proj", "v_proj"]),), "local"))
+    with pytest.raises(AdapterError, match="targets lm_head, which this server cannot apply"):
+        registry.fetch(AdapterKey((edited("head", target_modules=["q_proj", "v_proj", "lm_head"]),), "local"))
+    with pytest.raises(AdapterError, match=r"trained for '.*big' \(LlamaForCausalLM, hidden size 32\), but this server "
+                                           r"runs '.*' \(LlamaForCausalLM, hidden size 64\)"):
+        registry.fetch(AdapterKey((edited("otherbase", base_model_name_or_path=str(tmp_path / "big")),), "local"))
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()
     (corrupt / "adapter_config.json").write_text((wrong / "adapter_config.json").read_text())

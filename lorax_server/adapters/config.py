@@ -21,6 +21,7 @@ class LoraConfig:
     target_modules: tuple[str, ...]
     use_rslora: bool
     base_model_name_or_path: str | None
+    targets_listed: bool = True  # False when target_modules is a pattern ("all-linear" or a regex)
 
     @property
     def scale(self) -> float:
@@ -44,8 +45,17 @@ def read_config(folder: Path, adapter_id: str) -> LoraConfig:
         if raw.get(unsupported):
             raise AdapterError(f"adapter '{adapter_id}' uses {unsupported}, which is not supported")
     targets = raw.get("target_modules") or []
-    if isinstance(targets, str):  # a regex or "all-linear"
+    listed = not isinstance(targets, str)
+    if not listed:  # a regex or "all-linear"
         targets = list(MODULES) if targets == "all-linear" else [m for m in MODULES if m in targets]
+    else:  # names may be dotted paths; PEFT matches their last part
+        targets = [t.rsplit(".", 1)[-1] for t in targets]
+        unsupported = sorted(set(targets) - set(MODULES))
+        if unsupported:
+            raise AdapterError(
+                f"adapter '{adapter_id}' targets {', '.join(unsupported)}, which this server cannot apply "
+                f"(supported: {', '.join(MODULES)})"
+            )
     if not raw.get("r"):
         raise AdapterError(f"adapter '{adapter_id}': adapter_config.json has no rank `r`")
     return LoraConfig(
@@ -54,4 +64,5 @@ def read_config(folder: Path, adapter_id: str) -> LoraConfig:
         target_modules=tuple(sorted(targets)),
         use_rslora=bool(raw.get("use_rslora", False)),
         base_model_name_or_path=raw.get("base_model_name_or_path"),
+        targets_listed=listed,
     )

@@ -3,6 +3,7 @@ used adapters, so re-activating one does not re-read disk) and the device (what 
 the preallocated pools of `slots.py`). Per batch it only maps requests to slots."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections import OrderedDict
@@ -18,6 +19,7 @@ from lorax_server.adapters.weights import LoraWeights, load_lora, shard_lora
 from lorax_server.adapters.slots import SlotPools
 from lorax_server.layers.lora import LoraBatch
 from lorax_server.pb import generate_pb2
+from lorax_server.sources import cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -56,9 +58,29 @@ class AdapterKey:
         return "+".join(self.ids)
 
 
+def _base_config(base: str | None) -> Path | None:
+    """config.json of an adapter's base model if it is a local folder or in the hub cache, else None."""
+    if not base:
+        return None
+    if os.path.isdir(base):
+        path = Path(base) / "config.json"
+        return path if path.exists() else None
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(base, "config.json", cache_dir=cache_dir())
+    except ValueError:  # not a valid repo id
+        return None
+    return Path(found) if isinstance(found, str) else None
+
+
+def _describe(config: dict) -> str:
+    return f"{(config.get('architectures') or ['?'])[0]}, hidden size {config.get('hidden_size', '?')}"
+
+
 class AdapterRegistry:
-    def __init__(self, model, device: torch.device, host_capacity: int = 64):
-        self.model, self.device, self.dtype = model, device, model.dtype
+    def __init__(self, model, device: torch.device, host_capacity: int = 64, model_id: str = "the base model"):
+        self.model, self.device, self.dtype, self.model_id = model, device, model.dtype, model_id
         self.shapes = model.lora_shapes()
         self.host_capacity = host_capacity
         self.host: OrderedDict[AdapterKey, LoraWeights] = OrderedDict()  # CPU tier, LRU
@@ -83,23 +105,25 @@ class AdapterRegistry:
     def _read_one(self, folder: Path, adapter_id: str, scale: float | None = None) -> tuple[LoraWeights, float]:
         config = read_config(folder, adapter_id)
         self._check_base(config.base_model_name_or_path, adapter_id)
-        weights = load_lora(folder, adapter_id, config.scale if scale is None else scale, self.shapes, len(self.model.layers))
+        weights = load_lora(
+            folder, adapter_id, config, config.scale if scale is None else scale, self.shapes, len(self.model.layers)
+        )
         # only folders that held a usable adapter count in the disk tier
         self.disk[folder] = sum(f.stat().st_size for f in folder.glob("adapter_model*") if f.is_file())
         return weights, config.scale
 
     def _check_base(self, base: str | None, adapter_id: str) -> None:
-        """Refuse an adapter trained on another architecture when its base model's config is available here."""
-        if not base or not os.path.isdir(base):
+        """Refuse an adapter trained on another base model when that base's config.json is at hand (a local folder
+        or the hub cache; nothing is downloaded for it): architecture and hidden size must match ours."""
+        path = _base_config(base)
+        if path is None:
             return
-        config = Path(base) / "config.json"
-        if config.exists():
-            import json
-
-            theirs = json.loads(config.read_text()).get("architectures")
-            ours = self.model.cfg.raw.get("architectures")
-            if theirs and ours and theirs != ours:
-                raise AdapterError(f"adapter '{adapter_id}' was trained for {theirs[0]}, but this server runs {ours[0]}")
+        theirs, ours = json.loads(path.read_text()), self.model.cfg.raw
+        if any(theirs.get(k) and ours.get(k) and theirs[k] != ours[k] for k in ("architectures", "hidden_size")):
+            raise AdapterError(
+                f"adapter '{adapter_id}' was trained for '{base}' ({_describe(theirs)}), but this server runs "
+                f"'{self.model_id}' ({_describe(ours)})"
+            )
 
     def fetch(
         self, key: AdapterKey, api_token: str | None = None, trusted: bool = False, folders: list[Path] | None = None

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from lorax_server.adapters.config import MODULES, AdapterError
+from lorax_server.adapters.config import MODULES, AdapterError, LoraConfig
 
 logger = logging.getLogger(__name__)
 
@@ -75,14 +75,19 @@ def _read_tensors(folder: Path, adapter_id: str) -> dict[str, torch.Tensor]:
 
 
 def load_lora(
-    folder: Path, adapter_id: str, scale: float, shapes: dict[str, ModuleShape], num_layers: int
+    folder: Path, adapter_id: str, config: LoraConfig, scale: float, shapes: dict[str, ModuleShape], num_layers: int
 ) -> LoraWeights:
-    """Every module the adapter targets in all layers, whole (CPU, float32), B times `scale`."""
+    """Every module the adapter targets in all layers, whole (CPU, float32), B times `scale`.
+
+    The tensors must agree with adapter_config.json (rank, target modules) and cover every layer: an adapter that
+    would be applied only in part, or with a scale computed from the wrong rank, is refused rather than served."""
     found: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
     unused = []
     for name, tensor in _read_tensors(folder, adapter_id).items():
         match = KEY.search(name)
         if not match or match.group(2) not in MODULES:
+            if "lora_" in name:
+                raise AdapterError(f"adapter '{adapter_id}' has LoRA weights this server cannot apply ({name})")
             unused.append(name)
             continue
         layer, module, which = int(match.group(1)), match.group(2), match.group(3)
@@ -98,12 +103,16 @@ def load_lora(
         if not a_layers and not b_layers:
             continue
         if len(a_layers) < num_layers or len(b_layers) < num_layers:
-            logger.warning("adapter %s: %s is missing in some layers; it is not applied", adapter_id, module)
-            continue
+            missing = sorted(set(range(num_layers)) - (set(a_layers) & set(b_layers)))
+            raise AdapterError(f"adapter '{adapter_id}': {module} has no LoRA weights for layers {missing[:8]}")
         shape = shapes[module]
         a = torch.stack([a_layers[i] for i in range(num_layers)]).float()  # [L, r, in]
         b = torch.stack([b_layers[i] for i in range(num_layers)]).float()  # [L, out, r]
         rank = a.shape[1]
+        if rank != config.r:
+            raise AdapterError(
+                f"adapter '{adapter_id}': adapter_config.json says r={config.r}, but its {module} weights have rank {rank}"
+            )
         if a.shape[2] != shape.in_features or b.shape[1] != shape.out_features or b.shape[2] != rank:
             raise AdapterError(
                 f"adapter '{adapter_id}': {module} LoRA shapes A{list(a.shape[1:])} B{list(b.shape[1:])} do not fit the "
@@ -112,6 +121,13 @@ def load_lora(
         modules[module] = (a.transpose(1, 2).contiguous(), (b.transpose(1, 2) * scale).contiguous())
     if not modules:
         raise AdapterError(f"adapter '{adapter_id}' has no LoRA weights for {', '.join(MODULES)}")
+    if config.targets_listed and set(modules) != set(config.target_modules):
+        extra, absent = sorted(set(modules) - set(config.target_modules)), sorted(set(config.target_modules) - set(modules))
+        raise AdapterError(
+            f"adapter '{adapter_id}': its weights and adapter_config.json disagree on target modules ("
+            + "; ".join(filter(None, [extra and f"weights for {', '.join(extra)} not targeted",
+                                      absent and f"{', '.join(absent)} targeted without weights"])) + ")"
+        )
     ranks = {a.shape[-1] for a, _ in modules.values()}
     return LoraWeights(rank=max(ranks), modules=modules)
 
