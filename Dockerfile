@@ -10,7 +10,7 @@ COPY lorax_launcher lorax_launcher
 COPY lorax_server lorax_server
 COPY router router
 # TORCH_SPEC picks the build: the default range takes PyPI's CUDA wheels; use torch==2.13.0 for a CPU image.
-ARG TORCH_SPEC="torch>=2.4,<3"
+ARG TORCH_SPEC="torch>=2.5,<3"
 RUN pip install --no-cache-dir "$TORCH_SPEC" && pip install --no-cache-dir .
 EXPOSE 80
 ENTRYPOINT ["lorax-launcher"]

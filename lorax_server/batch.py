@@ -74,14 +74,18 @@ class Batch:
         cache: KVCache,
         device: torch.device,
         grammars: Grammars,
+        limits: tuple[int, int],
         max_new_override: int | None = None,
     ) -> "Batch":
         """Build a batch from the router's requests, reserving their KV blocks and starting the compilation of
         their JSON schemas.
 
         Token ids come from the router when it tokenized the inputs; otherwise the shard tokenizes.
-        Each request keeps only its last `truncate` prompt tokens.
+        Each request keeps only its last `truncate` prompt tokens. `limits` is (vocabulary size, positions): an id
+        outside the vocabulary, or a prompt plus its new tokens beyond the model's positions, fails the batch here
+        with the reason (on a GPU it would be a device-side assert that breaks every later request).
         """
+        vocab, positions = limits
         prompts = []
         for r in pb.requests:
             ids = list(r.tokenized_inputs.ids) if r.tokenized_inputs.ids else tokenizer(r.inputs)["input_ids"]
@@ -89,6 +93,13 @@ class Batch:
                 ids = ids[-r.truncate :]
             if not ids:
                 raise ValueError(f"request {r.id} has an empty prompt")
+            if min(ids) < 0 or max(ids) >= vocab:
+                raise ValueError(f"request {r.id} has token ids outside the vocabulary (0..{vocab - 1})")
+            if len(ids) + r.stopping_parameters.max_new_tokens > positions:
+                raise ValueError(
+                    f"request {r.id}: {len(ids)} prompt tokens + {r.stopping_parameters.max_new_tokens} new tokens exceed "
+                    f"the model's {positions} positions (max_position_embeddings); lower --max-total-tokens"
+                )
             prompts.append(ids)
         max_new = [max_new_override or r.stopping_parameters.max_new_tokens or 1 for r in pb.requests]
         blocks = cache.allocate([len(ids) + n for ids, n in zip(prompts, max_new)])

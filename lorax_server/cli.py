@@ -54,7 +54,7 @@ def serve(model_id, adapter_id, revision, sharded, quantize, compile_, dtype, tr
         provider = tracing.otlp_provider(otlp_endpoint, tracing.SHARD_SERVICE)
         tracing.configure(provider)
     try:
-        worker = model_thread()  # all tensor work, loading included, on one thread (see server.py)
+        worker = model_thread(device)  # all tensor work, loading included, on one thread (see server.py)
         service = worker.submit(
             build_service, model_id, revision, source, dtype, parallel, device, uds_path, adapter_id, adapter_source,
             worker,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -38,10 +39,17 @@ class Parallel:
         return torch.cat(parts, dim=-1)
 
 
-def select_device(rank: int) -> torch.device:
-    """CUDA device of this rank when CUDA is present, else the CPU."""
+def select_device(rank: int, world_size: int = 1) -> torch.device:
+    """CUDA device of this rank when CUDA is present, else the CPU. Two ranks never share a GPU: NCCL cannot run a
+    group whose ranks sit on one device, so more shards than visible GPUs is a start-up error."""
     if torch.cuda.is_available():
-        device = torch.device("cuda", rank % torch.cuda.device_count())
+        visible = torch.cuda.device_count()
+        if world_size > visible:
+            raise RuntimeError(
+                f"{world_size} shards need {world_size} GPUs, but {visible} CUDA device(s) are visible "
+                f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); use --num-shard {visible}"
+            )
+        device = torch.device("cuda", rank)
         torch.cuda.set_device(device)
         fraction = float(os.environ.get("CUDA_MEMORY_FRACTION", "1.0"))
         if fraction < 1.0:
@@ -54,13 +62,19 @@ def initialize() -> tuple[Parallel, torch.device]:
     """Join the process group described by the environment; returns this shard's place and device."""
     rank = int(os.environ.get("RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    device = select_device(rank)
+    device = select_device(rank, world_size)
     if world_size > 1 and not dist.is_initialized():
         for var in ("MASTER_ADDR", "MASTER_PORT"):
             if var not in os.environ:
                 raise RuntimeError(f"{var} must be set for a sharded (WORLD_SIZE={world_size}) shard")
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+        # A rank that dies mid-forward must take its peers down within the timeout, not leave them blocked in a
+        # collective: NCCL's async error handling aborts the group when the timeout passes.
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+        timeout = timedelta(seconds=float(os.environ.get("LORAX_COLLECTIVE_TIMEOUT_S", "120")))
+        if device.type == "cuda":  # bound to its GPU now, so NCCL communicators are created eagerly
+            dist.init_process_group("nccl", rank=rank, world_size=world_size, timeout=timeout, device_id=device)
+        else:
+            dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timeout)
     return Parallel(rank, world_size), device
 
 

@@ -64,6 +64,7 @@ class Generator:
         self.eos_ids = torch.tensor(eos_ids, dtype=torch.int64, device=device)
         self.special_ids = set(tokenizer.all_special_ids)
         self.vocab = model.cfg.vocab_size
+        self.limits = (self.vocab, model.cfg.max_position_embeddings)  # what a batch's ids and lengths must fit
         self.watermark = Watermark.from_env()
         self.grammars = Grammars(tokenizer, self.vocab, eos_ids)
         self.cache: KVCache | None = None
@@ -81,7 +82,7 @@ class Generator:
     def warmup(self, pb_batch: generate_pb2.Batch) -> int:
         """Size the cache, prove the largest prefill the router will send fits, and return the capacity."""
         capacity = self.allocate_cache(kv_capacity_tokens(self.model, self.device))
-        batch = Batch.from_pb(pb_batch, self.tokenizer, self.cache, self.device, self.grammars, max_new_override=2)
+        batch = Batch.from_pb(pb_batch, self.tokenizer, self.cache, self.device, self.grammars, self.limits, max_new_override=2)
         try:
             _, batch = self.prefill(batch)
             if batch is not None:
@@ -94,7 +95,7 @@ class Generator:
     def new_batch(self, pb_batch: generate_pb2.Batch) -> Batch:
         if self.cache is None:
             self.allocate_cache(kv_capacity_tokens(self.model, self.device))
-        return Batch.from_pb(pb_batch, self.tokenizer, self.cache, self.device, self.grammars)
+        return Batch.from_pb(pb_batch, self.tokenizer, self.cache, self.device, self.grammars, self.limits)
 
     # ---- steps --------------------------------------------------------------------------------------
     def prefill(self, batch: Batch) -> tuple[list[generate_pb2.Generation], Batch | None]:

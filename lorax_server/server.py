@@ -52,9 +52,10 @@ def _rpc(method):
     return wrapper
 
 
-def model_thread() -> ThreadPoolExecutor:
-    """The one thread that runs a shard's tensor work."""
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+def model_thread(device: torch.device | None = None) -> ThreadPoolExecutor:
+    """The one thread that runs a shard's tensor work (the CUDA current device is per thread: set it there too)."""
+    initializer = (lambda: torch.cuda.set_device(device)) if device is not None and device.type == "cuda" else None
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="model", initializer=initializer)
 
 
 class LoraxService(generate_pb2_grpc.LoraxServiceServicer):

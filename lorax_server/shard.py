@@ -31,7 +31,7 @@ def build_service(
     logger.info("loading %s from %s on %s (rank %d/%d)", model_id, folder, device, parallel.rank, parallel.world_size)
     model = load_model(folder, dtype, device, parallel)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    adapters = AdapterRegistry(model, device)
+    adapters = AdapterRegistry(model, device, model_id=model_id)
     if adapter_id:
         adapters.load(AdapterKey((adapter_id,), adapter_source), 0, trusted=True)
     generator = Generator(model, tokenizer, eos_token_ids(folder, tokenizer), parallel, device, adapters)

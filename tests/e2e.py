@@ -51,6 +51,7 @@ class Launcher:
             "HUGGINGFACE_HUB_CACHE": str(workdir / "hf-cache"), "HF_HUB_OFFLINE": "1",
             "LORAX_LOCAL_ADAPTER_ROOTS": str(workdir), "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
             "MASTER_PORT": str(free_port()),
+            "CUDA_VISIBLE_DEVICES": "",  # CPU unless a test asks otherwise (a GPU test passes its own env)
         })
         full_env.update(env or {})
         cmd = [str(BIN / "lorax-launcher"), "--model-id", model, "--port", str(self.port), "--hostname", "127.0.0.1",
