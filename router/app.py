@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Protocol, TypeVar
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
 from router import openai, openapi_doc, responses
+from router.auth import bearer_token, require_api_key
 from router.chat_template import TemplateError
 from router.errors import InferError, UnhealthyError, ValidationError
 from router.infer import GenerationResult, Infer, stream
@@ -77,6 +78,7 @@ class AppConfig:
     cors_allow_origins: tuple[str, ...] = ()
     tokenizer: ModelTokenizer | None = None  # for /tokenize and chat templates
     adapter_tiers: Callable[[], dict[str, tuple[int, int]]] | None = None  # live tier report for /info
+    api_keys: tuple[str, ...] = ()  # LORAX_API_KEY: when set, generating routes need one of them (router/auth.py)
 
 
 @dataclass(frozen=True)
@@ -127,14 +129,6 @@ def _openai_sse(model: BaseModel | dict[str, str]) -> bytes:
     """OpenAI's own framing: `data: ` with a space."""
     payload = model.model_dump_json() if isinstance(model, BaseModel) else json.dumps(model)
     return f"data: {payload}\n\n".encode()
-
-
-def _bearer_token(request: Request) -> str | None:
-    """`Authorization: Bearer <token>` stands in for a missing `api_token` parameter."""
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer":
-        return None
-    return token.strip() or None
 
 
 async def _disconnected(request: Request) -> None:
@@ -199,6 +193,11 @@ def create_app(
         allow_headers=["content-type"],
     )
     openapi_doc.install(app, [StreamResponse, ChatCompletionChunk])
+    guarded = [Depends(require_api_key(config.api_keys))]  # on every route that generates, tokenizes or lists adapters
+
+    def hub_token(request: Request) -> str | None:
+        """`Authorization: Bearer <token>` stands in for a missing `api_token`, unless the bearer is our API key."""
+        return None if config.api_keys else bearer_token(request)
 
     @app.exception_handler(InferError)
     async def infer_error(_: Request, error: InferError) -> Response:
@@ -251,7 +250,7 @@ def create_app(
         started_at = time.monotonic()
         infer.limit.acquire()
         try:
-            valid = await infer.validate(inputs, params, _bearer_token(request))
+            valid = await infer.validate(inputs, params, hub_token(request))
             validated_at = time.monotonic()
             results = await _unless_disconnected(request, infer.generate(valid))
         finally:
@@ -286,7 +285,7 @@ def create_app(
                 raise ValidationError("`best_of` != 1 is not supported when streaming tokens")
             if params.decoder_input_details:
                 raise ValidationError("`decoder_input_details` == true is not supported when streaming tokens")
-            valid = await infer.validate(body.inputs, params, _bearer_token(request))
+            valid = await infer.validate(body.inputs, params, hub_token(request))
             async with contextlib.aclosing(stream(infer.submit(valid), KEEPALIVE_S)) as events:
                 async for event in events:
                     if event is None:
@@ -344,7 +343,7 @@ def create_app(
         """Validate and take a permit per choice before answering, so refusals keep their status codes."""
         infer.limit.acquire()
         try:
-            valid = await infer.validate(inputs, params, _bearer_token(request))
+            valid = await infer.validate(inputs, params, hub_token(request))
             infer.limit.acquire(n - 1)  # `n` is validated (<= max_best_of) by now
         except BaseException:
             infer.limit.release()
@@ -357,25 +356,27 @@ def create_app(
             yield _openai_sse(chunk)
         yield b"data: [DONE]\n\n"
 
-    @app.post("/generate", responses=openapi_doc.generation(GenerateResponse))
+    @app.post("/generate", responses=openapi_doc.generation(GenerateResponse), dependencies=guarded)
     async def generate_route(body: GenerateRequest, request: Request) -> Response:
         return await generate(body, request, as_list=False)
 
-    @app.post("/generate_stream", responses=openapi_doc.generation(None, StreamResponse, "Server-sent events"))
+    @app.post("/generate_stream", responses=openapi_doc.generation(None, StreamResponse, "Server-sent events"),
+              dependencies=guarded)
     async def generate_stream_route(body: GenerateRequest, request: Request) -> Response:
         return generate_stream(body, request)
 
     compat_responses = openapi_doc.generation(list[GenerateResponse], StreamResponse, "A list of one response, or events")
 
-    @app.post("/", responses=compat_responses)
-    @app.post("/invocations", responses=compat_responses)
+    @app.post("/", responses=compat_responses, dependencies=guarded)
+    @app.post("/invocations", responses=compat_responses, dependencies=guarded)
     async def compat_generate(body: CompatGenerateRequest, request: Request) -> Response:
         """lorax-client posts here: a JSON list of one response, or SSE with `stream: true`."""
         if body.stream:
             return generate_stream(body, request)
         return await generate(body, request, as_list=True)
 
-    @app.post("/v1/completions", responses=openapi_doc.generation(Completion, Completion, "Completion (or chunks)"))
+    @app.post("/v1/completions", responses=openapi_doc.generation(Completion, Completion, "Completion (or chunks)"),
+              dependencies=guarded)
     async def completions(body: CompletionRequest, request: Request) -> Response:
         """OpenAI text completion; `model` is the base model id (or "") or an adapter id."""
         with recorded():
@@ -395,6 +396,7 @@ def create_app(
     @app.post(
         "/v1/chat/completions",
         responses=openapi_doc.generation(ChatCompletion, ChatCompletionChunk, "Chat completion (or chunks)"),
+        dependencies=guarded,
     )
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         """OpenAI chat: the prompt is the model's chat template over `messages` (and `tools`)."""
@@ -420,7 +422,7 @@ def create_app(
             return StreamingResponse(chat_chunks(answer), media_type="text/event-stream", headers=headers)
         return _json(answer, headers=outcome.headers)
 
-    @app.get("/v1/models", response_model=ModelList)
+    @app.get("/v1/models", response_model=ModelList, dependencies=guarded)
     async def models() -> ModelList:
         """The base model, then every adapter that has answered a request."""
         cards = [ModelCard(id=model_id, created=started, owned_by="lorax")]
@@ -431,6 +433,7 @@ def create_app(
         "/tokenize",
         response_model=list[SimpleToken],
         responses={404: {"model": ErrorResponse, "description": "No fast tokenizer"}, **openapi_doc.BODY_ERRORS},
+        dependencies=guarded,
     )
     async def tokenize(body: TokenizeRequest) -> Response:
         """The tokens of `inputs`: id, vocabulary string and character offsets."""

@@ -57,3 +57,10 @@ class UnhealthyError(InferError):
 
     def __init__(self) -> None:
         super().__init__("unhealthy")
+
+
+class UnauthorizedError(InferError):
+    """The server requires an API key (LORAX_API_KEY) and the request did not carry a valid one."""
+
+    status_code = 401
+    error_type = "unauthorized"

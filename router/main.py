@@ -24,6 +24,7 @@ from fastapi import FastAPI
 from tokenizers import Tokenizer
 
 from router.app import AppConfig, create_app
+from router.auth import load_api_keys
 from router.batching import BatchingConfig, BatchingLoop
 from router.infer import Infer
 from router.metrics import Metrics
@@ -239,6 +240,7 @@ async def build_router(args: argparse.Namespace, tokenizer: Tokenizer, client: S
         info=info, default_adapter_source=args.adapter_source, cors_allow_origins=tuple(args.cors_allow_origin),
         tokenizer=ModelTokenizer.load(tokenizer, args.tokenizer_name, args.revision),
         adapter_tiers=lambda: client.adapter_memory,
+        api_keys=load_api_keys(),
     )
     return Router(create_app(infer, client.health, config, metrics), scheduler, batching, tokenizers, tracer)
 
