@@ -11,6 +11,8 @@ kernel lands) the same arithmetic runs as gathered batched matmuls in chunks of 
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from pathlib import Path
 
 import torch
@@ -37,6 +39,11 @@ def cpu_op():
     global _cpu_op
     if _cpu_op is None:
         from torch.utils import cpp_extension
+
+        # the `ninja` wheel installs its binary beside this interpreter, which need not be on PATH (no venv activated)
+        bin_dir = os.path.dirname(sys.executable)
+        if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
+            os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
 
         # -march=native: built where it runs (the cache lives on this machine), so it may use every vector unit
         cpp_extension.load_inline(
