@@ -29,5 +29,7 @@ def page_faults_per_step(mode: str) -> int:
 
 
 def test_decode_like_steps_stop_page_faulting():
-    assert page_faults_per_step("default") > 2000  # glibc maps the big blocks afresh: one fault per 4 KiB page
-    assert page_faults_per_step("tuned") < 100
+    default = page_faults_per_step("default")  # glibc maps the big blocks afresh; how many faults varies by host
+    tuned = page_faults_per_step("tuned")
+    assert default > 200, "the probe no longer allocates enough to show the effect"
+    assert tuned < default / 10
