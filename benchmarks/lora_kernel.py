@@ -38,7 +38,10 @@ def adapter(rank: int, targets: list[str]) -> LoraWeights:
 
 def step_seconds(pools: SlotPools, indices: list[int], repeats: int) -> float:
     """Best-of-`repeats` time of one decode step's LoRA work for tokens on the given router indices."""
-    batch = LoraBatch(pools, pools.token_slots(torch.tensor(indices)), {m: out for m, (_, out) in SIZES.items()})
+    used = frozenset(indices)
+    slots = pools.token_slots(torch.tensor(indices), used)
+    outs = {m: out for m, (_, out) in SIZES.items()}
+    batch = LoraBatch(pools, slots, outs, {pools.slot_of[i] for i in used - {0}})
     xs = {g: torch.randn(len(indices), GROUP_IN[g]) for g in GROUPS}
     ys = {g: torch.zeros(len(indices), sum(SIZES[m][1] for m in GROUPS[g])) for g in GROUPS}
     best = float("inf")

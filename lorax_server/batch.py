@@ -13,6 +13,7 @@ import torch
 from lorax_server.kv_cache import BLOCK_SIZE, KVCache
 from lorax_server.pb import generate_pb2
 from lorax_server.sampling import SamplingParams
+from lorax_server.uploads import upload
 from lorax_server.structured import Constraint, Grammars
 
 
@@ -36,6 +37,11 @@ class RequestState:
     generated_ids: list[int] = field(default_factory=list)
     constraint: Constraint | None = None  # JSON-schema state, when the request has a `response_format`
 
+    @property
+    def kv_len(self) -> int:
+        """Tokens in the cache: all but the newest generated token, which the next decode step writes."""
+        return len(self.ids) - 1 if self.generated_ids else 0
+
 
 @dataclass
 class Batch:
@@ -50,6 +56,12 @@ class Batch:
     adapter_indices: torch.Tensor  # [B]
     sampling: SamplingParams
     counts: torch.Tensor | None = None  # [B, vocab] token counts, only when a request uses penalties
+    max_kv: int = 0  # the longest request's tokens in the cache: known on the host, so steps never read kv_lens back
+
+    @property
+    def adapters(self) -> frozenset[int]:
+        """The router adapter indices the batch's requests use (host side)."""
+        return frozenset(r.adapter_index for r in self.requests)
 
     @property
     def max_tokens(self) -> int:
@@ -121,7 +133,7 @@ class Batch:
             for r, ids, n, b in zip(pb.requests, prompts, max_new, blocks)
         ]
         width = max(len(b) for b in blocks)
-        table = torch.tensor([b + [0] * (width - len(b)) for b in blocks], dtype=torch.int64, device=device)
+        table = upload([b + [0] * (width - len(b)) for b in blocks], torch.int64, device)
         size = len(requests)
         return cls(
             id=pb.id,
@@ -130,9 +142,9 @@ class Batch:
             kv_lens=torch.zeros(size, dtype=torch.int64, device=device),
             next_ids=torch.zeros(size, dtype=torch.int64, device=device),
             generated=torch.zeros(size, dtype=torch.int64, device=device),
-            max_new_tokens=torch.tensor(max_new, dtype=torch.int64, device=device),
-            ignore_eos=torch.tensor([r.stopping_parameters.ignore_eos_token for r in pb.requests], device=device),
-            adapter_indices=torch.tensor([r.adapter_index for r in pb.requests], dtype=torch.int64, device=device),
+            max_new_tokens=upload(max_new, torch.int64, device),
+            ignore_eos=upload([r.stopping_parameters.ignore_eos_token for r in pb.requests], torch.bool, device),
+            adapter_indices=upload([r.adapter_index for r in pb.requests], torch.int64, device),
             sampling=SamplingParams.from_pb([r.parameters for r in pb.requests], device),
         )
 
@@ -142,7 +154,7 @@ class Batch:
         for i, r in enumerate(self.requests):
             if i not in keep:
                 cache.free(r.blocks)
-        index = torch.tensor(rows, dtype=torch.int64, device=self.kv_lens.device)
+        index = upload(rows, torch.int64, self.kv_lens.device)
         requests = [self.requests[i] for i in rows]
         width = max(len(r.blocks) for r in requests)
         return Batch(
@@ -155,8 +167,9 @@ class Batch:
             max_new_tokens=self.max_new_tokens[index],
             ignore_eos=self.ignore_eos[index],
             adapter_indices=self.adapter_indices[index],
-            sampling=self.sampling.select(index),
+            sampling=self.sampling.select(rows, index),
             counts=None if self.counts is None else self.counts[index],
+            max_kv=max(r.kv_len for r in requests),
         )
 
     def filter(self, request_ids: list[int], cache: KVCache) -> "Batch":
@@ -194,6 +207,7 @@ class Batch:
             adapter_indices=torch.cat([b.adapter_indices for b in batches]),
             sampling=SamplingParams.cat([b.sampling for b in batches]),
             counts=counts,
+            max_kv=max(b.max_kv for b in batches),
         )
 
     def token_counts(self, vocab: int) -> torch.Tensor:

@@ -1,7 +1,9 @@
 """One generation step for a batch: forward, choose tokens, stop, detokenize, report Generations.
 
 Everything per token is tensor work over the whole batch; the only per-request Python is turning results into
-protobuf messages and the text bookkeeping that strings require.
+protobuf messages and the text bookkeeping that strings require. What decides the shape of a step's work (lengths,
+which rows sample, which adapters run) is known on the host, so a decode step reads the device back once: its
+results (requests asking for alternatives, prompt logprobs or a JSON schema add their own small transfers).
 """
 from __future__ import annotations
 
@@ -19,8 +21,9 @@ from lorax_server.dist import Parallel
 from lorax_server.kv_cache import BLOCK_SIZE, KVCache
 from lorax_server.layers.attention import build_metadata
 from lorax_server.pb import generate_pb2
-from lorax_server.sampling import Watermark, choose, i64_to_u64
+from lorax_server.sampling import Watermark, choose
 from lorax_server.structured import Grammars
+from lorax_server.uploads import upload
 
 logger = logging.getLogger(__name__)
 
@@ -100,8 +103,9 @@ class Generator:
     # ---- steps --------------------------------------------------------------------------------------
     def prefill(self, batch: Batch) -> tuple[list[generate_pb2.Generation], Batch | None]:
         """Run every prompt of a new batch through the model and choose each request's first token."""
-        lens = torch.tensor([r.prompt_len for r in batch.requests], dtype=torch.int64, device=self.device)
-        input_ids = torch.tensor([t for r in batch.requests for t in r.ids], dtype=torch.int64, device=self.device)
+        prompt_lens = [r.prompt_len for r in batch.requests]
+        lens = upload(prompt_lens, torch.int64, self.device)
+        input_ids = upload([t for r in batch.requests for t in r.ids], torch.int64, self.device)
         ends = torch.cumsum(lens, 0) - 1
         # Rows whose logits we need: the last prompt token, or every prompt token for prompt logprobs.
         rows, last_row, prompt_rows = [], [], {}
@@ -114,11 +118,12 @@ class Generator:
                 rows.append(start + r.prompt_len - 1)
             last_row.append(len(rows) - 1)
             start += r.prompt_len
-        logit_rows = torch.tensor(rows, dtype=torch.int64, device=self.device) if prompt_rows else ends
-        meta = build_metadata(lens, lens, batch.block_tables, BLOCK_SIZE, self.model.cfg.sliding_window)
-        lora = self.adapters.lora_batch(batch.adapter_indices, lens)
+        logit_rows = upload(rows, torch.int64, self.device) if prompt_rows else ends
+        longest = max(prompt_lens)
+        meta = build_metadata(lens, lens, batch.block_tables, BLOCK_SIZE, self.model.cfg.sliding_window, longest, longest)
+        lora = self.adapters.lora_batch(batch.adapter_indices, batch.adapters, (lens, sum(prompt_lens)))
         logits = self.model.forward(input_ids, meta, self.cache.tensor, logit_rows, lora)
-        batch.kv_lens = lens
+        batch.kv_lens, batch.max_kv = lens, longest
         batch.next_ids = input_ids[ends]  # each prompt's last token: what the watermark keys the first choice on
         if batch.sampling.needs_counts:
             batch.counts = batch.token_counts(self.vocab)
@@ -127,7 +132,7 @@ class Generator:
             all_logprobs = logits.log_softmax(-1)
             for i, first in prompt_rows.items():
                 prompt_details[i] = self._prompt_tokens(batch.requests[i], all_logprobs[first : first + batch.requests[i].prompt_len])
-            logits = logits[torch.tensor(last_row, device=self.device)]
+            logits = logits[upload(last_row, torch.int64, self.device)]
         return self._advance(batch, logits, prompt_details)
 
     def decode(self, batches: list[Batch]) -> tuple[list[generate_pb2.Generation], Batch | None]:
@@ -139,11 +144,13 @@ class Generator:
         if not batch.requests:
             return [], None
         kv_lens = batch.kv_lens + 1
-        meta = build_metadata(torch.ones_like(kv_lens), kv_lens, batch.block_tables, BLOCK_SIZE, self.model.cfg.sliding_window)
-        lora = self.adapters.lora_batch(batch.adapter_indices, None)
+        window = self.model.cfg.sliding_window
+        meta = build_metadata(torch.ones_like(kv_lens), kv_lens, batch.block_tables, BLOCK_SIZE, window, 1, batch.max_kv + 1)
+        lora = self.adapters.lora_batch(batch.adapter_indices, batch.adapters, None)
         rows = torch.arange(len(batch.requests), device=self.device)
         logits = self.model.forward(batch.next_ids, meta, self.cache.tensor, rows, lora)
         batch.kv_lens = kv_lens
+        batch.max_kv += 1
         return self._advance(batch, logits, {})
 
     def _advance(self, batch: Batch, logits: torch.Tensor, prompt_details: dict) -> tuple[list, Batch | None]:
@@ -151,7 +158,7 @@ class Generator:
         constrained = [(i, r.constraint) for i, r in enumerate(batch.requests) if r.constraint is not None]
         allowed = None
         if constrained:  # host-side mask work; on a GPU it overlaps the forward still in flight
-            rows = torch.tensor([i for i, _ in constrained], dtype=torch.int64, device=self.device)
+            rows = upload([i for i, _ in constrained], torch.int64, self.device)
             allowed = rows, self.grammars.allowed([c for _, c in constrained], logits.shape[-1], self.device)
         next_ids, logprobs, all_logprobs = choose(
             logits, batch.sampling, batch.generated, batch.counts, batch.kv_lens,
@@ -164,8 +171,11 @@ class Generator:
         by_length = batch.generated >= batch.max_new_tokens
         by_eos = torch.isin(next_ids, self.eos_ids) & ~batch.ignore_eos & ~by_length
 
-        ids_list, logprob_list = next_ids.tolist(), logprobs.tolist()
-        length_list, eos_list = by_length.tolist(), by_eos.tolist()
+        # The step's one read-back: ids, their logprobs and both stopping flags in a single transfer (float64 holds
+        # every token id exactly).
+        results = torch.stack([next_ids.double(), logprobs.double(), by_length.double(), by_eos.double()]).tolist()
+        ids_list, logprob_list = [int(t) for t in results[0]], results[1]
+        length_list, eos_list = results[2], results[3]
         self.grammars.advance([c for _, c in constrained], [ids_list[i] for i, _ in constrained])
         texts = self._incremental_texts(batch.requests, ids_list)
         alternatives = self._alternatives(batch.requests, all_logprobs)
@@ -206,8 +216,9 @@ class Generator:
             generated_tokens=len(r.generated_ids),
             finish_reason=reason,
         )
-        if bool(batch.sampling.sample[row]):
-            out.seed = i64_to_u64(int(batch.sampling.seed[row]))
+        seed = batch.sampling.seed_of(row)
+        if seed is not None:
+            out.seed = seed
         return out
 
     def _incremental_texts(self, requests: list[RequestState], new_ids: list[int]) -> list[str]:

@@ -12,6 +12,8 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from lorax_server.uploads import upload
+
 _MASK32 = 0xFFFFFFFF
 WATERMARK_KEY = 15485863  # Kirchenbauer et al.'s hash key: the green list after token t is seeded by KEY * t
 
@@ -85,9 +87,33 @@ def i64_to_u64(value: int) -> int:
     return value + (1 << 64) if value < 0 else value
 
 
+@dataclass(frozen=True)
+class RowFlags:
+    """Host copies of the per-row choices that decide which work a step does, so choosing that work never reads
+    the device: which rows sample, carry a watermark, restrict the distribution (top-k/p, typical-p) or use
+    penalties, and each row's seed (reported back with the text)."""
+
+    sample: tuple[bool, ...]
+    watermark: tuple[bool, ...]
+    restrict: tuple[bool, ...]
+    penalize: tuple[bool, ...]
+    seed: tuple[int, ...]
+
+    def select(self, rows: list[int]) -> "RowFlags":
+        return RowFlags(*(tuple(getattr(self, f.name)[i] for i in rows) for f in fields(self)))
+
+    @classmethod
+    def cat(cls, parts: list["RowFlags"]) -> "RowFlags":
+        return cls(*(sum((getattr(p, f.name) for p in parts), ()) for f in fields(cls)))
+
+    @staticmethod
+    def rows(flags: tuple[bool, ...]) -> list[int]:
+        return [i for i, on in enumerate(flags) if on]
+
+
 @dataclass
 class SamplingParams:
-    """One row per request; every field is a tensor so the batch can be filtered and concatenated."""
+    """One row per request; every field but `flags` is a tensor so the batch can be filtered and concatenated."""
 
     temperature: torch.Tensor
     top_k: torch.Tensor
@@ -96,55 +122,70 @@ class SamplingParams:
     repetition_penalty: torch.Tensor
     frequency_penalty: torch.Tensor
     presence_penalty: torch.Tensor
-    sample: torch.Tensor  # bool: this request samples (else greedy)
     seed: torch.Tensor  # int64 bits of the u64 seed
-    watermark: torch.Tensor  # bool: this request's tokens carry the watermark
+    flags: RowFlags
 
     @classmethod
     def from_pb(cls, params: list, device: torch.device) -> "SamplingParams":
         """From NextTokenChooserParameters messages. A request samples iff do_sample, or temperature not in
         {0, 1}, or top_k/top_p/typical_p restrict the distribution; temperature 0 means greedy."""
         def col(values, dtype):
-            return torch.tensor(values, dtype=dtype, device=device)
+            return upload(values, dtype, device)
 
-        sample = [
-            p.temperature != 0
-            and (p.do_sample or p.temperature != 1.0 or p.top_k > 0 or 0 < p.top_p < 1.0 or 0 < p.typical_p < 1.0)
-            for p in params
-        ]
+        top_p = [p.top_p if 0 < p.top_p <= 1 else 1.0 for p in params]
+        typical_p = [p.typical_p if 0 < p.typical_p <= 1 else 1.0 for p in params]
+        repetition = [p.repetition_penalty or 1.0 for p in params]
+        restrict = tuple(p.top_k > 0 or tp < 1 or ty < 1 for p, tp, ty in zip(params, top_p, typical_p))
+        sample = tuple(
+            p.temperature != 0 and (p.do_sample or p.temperature != 1.0 or r) for p, r in zip(params, restrict)
+        )
+        seeds = [u64_to_i64(p.seed) for p in params]
         return cls(
             temperature=col([p.temperature if p.temperature > 0 else 1.0 for p in params], torch.float32),
             top_k=col([p.top_k for p in params], torch.int64),
-            top_p=col([p.top_p if 0 < p.top_p <= 1 else 1.0 for p in params], torch.float32),
-            typical_p=col([p.typical_p if 0 < p.typical_p <= 1 else 1.0 for p in params], torch.float32),
-            repetition_penalty=col([p.repetition_penalty or 1.0 for p in params], torch.float32),
+            top_p=col(top_p, torch.float32),
+            typical_p=col(typical_p, torch.float32),
+            repetition_penalty=col(repetition, torch.float32),
             frequency_penalty=col([p.frequency_penalty for p in params], torch.float32),
             presence_penalty=col([p.presence_penalty for p in params], torch.float32),
-            sample=col(sample, torch.bool),
-            seed=col([u64_to_i64(p.seed) for p in params], torch.int64),
-            watermark=col([p.watermark for p in params], torch.bool),
+            seed=col(seeds, torch.int64),
+            flags=RowFlags(
+                sample=sample,
+                watermark=tuple(bool(p.watermark) for p in params),
+                restrict=restrict,
+                penalize=tuple(
+                    r != 1 or p.frequency_penalty != 0 or p.presence_penalty != 0 for p, r in zip(params, repetition)
+                ),
+                seed=tuple(seeds),
+            ),
         )
 
-    def select(self, rows: torch.Tensor) -> "SamplingParams":
-        return SamplingParams(**{f.name: getattr(self, f.name)[rows] for f in fields(self)})
+    def select(self, rows: list[int], index: torch.Tensor) -> "SamplingParams":
+        """The given rows; `index` is `rows` already on the device."""
+        tensors = {f.name: getattr(self, f.name)[index] for f in fields(self) if f.name != "flags"}
+        return SamplingParams(**tensors, flags=self.flags.select(rows))
 
     @classmethod
     def cat(cls, parts: list["SamplingParams"]) -> "SamplingParams":
-        return cls(**{f.name: torch.cat([getattr(p, f.name) for p in parts]) for f in fields(cls)})
+        tensors = {f.name: torch.cat([getattr(p, f.name) for p in parts]) for f in fields(cls) if f.name != "flags"}
+        return cls(**tensors, flags=RowFlags.cat([p.flags for p in parts]))
 
     @property
     def needs_counts(self) -> bool:
         """Whether penalties need per-request token counts."""
-        return bool(
-            (self.repetition_penalty != 1).any() or (self.frequency_penalty != 0).any() or (self.presence_penalty != 0).any()
-        )
+        return any(self.flags.penalize)
+
+    def seed_of(self, row: int) -> int | None:
+        """The u64 seed a sampling row used (None for greedy rows)."""
+        return i64_to_u64(self.flags.seed[row]) if self.flags.sample[row] else None
 
 
 def apply_watermark(logits: torch.Tensor, p: SamplingParams, prev_ids: torch.Tensor, watermark: Watermark) -> torch.Tensor:
     """+delta on the green list of the rows that asked for a watermark."""
-    rows = p.watermark.nonzero().squeeze(-1)
-    if not rows.numel():
+    chosen = RowFlags.rows(p.flags.watermark)
+    if not chosen:
         return logits
+    rows = upload(chosen, torch.int64, logits.device)
     bonus = watermark.delta * green_list(prev_ids[rows], logits.shape[-1], watermark.gamma).to(logits.dtype)
     return logits.index_add(0, rows, bonus)
 
@@ -163,7 +204,7 @@ def apply_penalties(logits: torch.Tensor, p: SamplingParams, counts: torch.Tenso
 def warp(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     """Temperature, top-k, top-p and typical-p for sampling rows; masked tokens get -inf."""
     logits = logits / p.temperature[:, None]
-    if not bool(((p.top_k > 0) | (p.top_p < 1) | (p.typical_p < 1)).any()):
+    if not any(p.flags.restrict):
         return logits  # temperature only: spare the two vocabulary-wide sorts
     vocab = logits.shape[-1]
     sorted_logits, order = logits.sort(dim=-1, descending=True)
@@ -210,9 +251,10 @@ def choose(
         rows, mask = allowed
         logits = logits.index_put((rows,), logits[rows].masked_fill(~mask, float("-inf")))
     next_ids = argmax_rows(logits)
-    rows = p.sample.nonzero().squeeze(-1)
-    if rows.numel():
-        warped = warp(logits[rows], p.select(rows))
+    sampled = RowFlags.rows(p.flags.sample)
+    if sampled:
+        rows = upload(sampled, torch.int64, logits.device)
+        warped = warp(logits[rows], p.select(sampled, rows))
         gumbel = -torch.log(-torch.log(uniform_noise(p.seed[rows], steps[rows], logits.shape[-1])))
         next_ids[rows] = (warped + gumbel).argmax(-1)
         logits = logits.index_copy(0, rows, warped)

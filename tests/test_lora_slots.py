@@ -56,6 +56,12 @@ def scrambled_pools(dtype=torch.float32) -> tuple[SlotPools, dict[int, LoraWeigh
     return p, loaded
 
 
+def slots_and_batch(p: SlotPools, indices: list[int]) -> tuple[torch.Tensor, LoraBatch]:
+    """Each token's slot, and the LoRA batch of a forward pass whose tokens use `indices`."""
+    slots = p.token_slots(torch.tensor(indices), frozenset(indices))
+    return slots, LoraBatch(p, slots, OUTS, {p.slot_of[i] for i in set(indices) - {0}})
+
+
 @pytest.mark.parametrize("op", ["cpu_kernel", "reference"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_each_token_gets_its_own_adapter(op, dtype, monkeypatch):
@@ -63,9 +69,8 @@ def test_each_token_gets_its_own_adapter(op, dtype, monkeypatch):
         monkeypatch.setattr(lora_kernel, "cpu_op", lambda: lora_kernel.lora_apply_reference)
     p, loaded = scrambled_pools(dtype)
     indices = [0, 20, 1, 1, 3, 0, 10, 4, 9, 8, 20, 6, 1]  # 0 = base; uneven counts, out of order
-    slots = p.token_slots(torch.tensor(indices))
+    slots, batch = slots_and_batch(p, indices)
     assert [int(s) for s in slots][:2] == [-1, p.slot_of[20]]
-    batch = LoraBatch(p, slots, OUTS)
     tolerance = 1e-4 if dtype == torch.float32 else 0.1
     for group, modules in GROUPS.items():
         for layer in range(LAYERS):
@@ -86,13 +91,13 @@ def test_each_token_gets_its_own_adapter(op, dtype, monkeypatch):
 
 def test_kernel_equals_reference_on_a_prefill_sized_batch():
     p, loaded = scrambled_pools()
-    indices = torch.tensor([20] * 300 + [0] * 5 + [4] * 200 + [1] * 100)
-    batch_slots = p.token_slots(indices)
+    indices = [20] * 300 + [0] * 5 + [4] * 200 + [1] * 100
+    batch_slots, batch = slots_and_batch(p, indices)
     for group, modules in GROUPS.items():
         x = torch.randn(len(indices), INS[modules[0]])
         y = torch.randn(len(indices), sum(OUTS[m] for m in modules))
         y_ref = y.clone()
-        pools_args = LoraBatch(p, batch_slots, OUTS)._groups[group]
+        pools_args = batch._groups[group]
         lora_kernel.cpu_op()(y, x, batch_slots, *pools_args, 2)
         lora_kernel.lora_apply_reference(y_ref, x, batch_slots, *pools_args, 2)
         assert torch.allclose(y, y_ref, atol=1e-4), group
@@ -110,7 +115,7 @@ def test_rows_and_slots_are_reused_and_bytes_reported():
     assert second != first, "a freed slot is reused last"
     assert p.bytes_held == held, "freed rows are reused without growing the pools"
     with pytest.raises(ValueError, match="index 1 is not loaded"):
-        p.token_slots(torch.tensor([2, 1]))
+        p.token_slots(torch.tensor([2, 1]), frozenset({2, 1}))
 
 
 def test_a_rank_beyond_the_budget_is_refused_and_nothing_changes():

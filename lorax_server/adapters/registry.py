@@ -194,14 +194,16 @@ class AdapterRegistry:
         )
 
     # ---- per batch -------------------------------------------------------------------------------
-    def lora_batch(self, adapter_indices: torch.Tensor, token_counts: torch.Tensor | None) -> LoraBatch | None:
-        """LoRA inputs for a batch whose requests use `adapter_indices` (one per request; `token_counts`
-        tokens each in prefill, one each in decode). None when no adapter is loaded."""
-        if not self.pools.slot_of:
-            if bool((adapter_indices != 0).any()):
-                raise ValueError(f"adapter index {int(adapter_indices.max())} is not loaded on this shard")
+    def lora_batch(
+        self, adapter_indices: torch.Tensor, used: frozenset[int], token_counts: tuple[torch.Tensor, int] | None
+    ) -> LoraBatch | None:
+        """LoRA inputs for a batch whose requests use `adapter_indices` (one per request; `used` is their set, on the
+        host). `token_counts` is (tokens per request, total) in prefill, None in decode (one token each). None when
+        the batch runs only the base model."""
+        if used <= {0}:
             return None
-        slots = self.pools.token_slots(adapter_indices)
+        slots = self.pools.token_slots(adapter_indices, used)
         if token_counts is not None:
-            slots = slots.repeat_interleave(token_counts)
-        return LoraBatch(self.pools, slots, self._out_sizes)
+            counts, total = token_counts
+            slots = slots.repeat_interleave(counts, output_size=total)
+        return LoraBatch(self.pools, slots, self._out_sizes, {self.pools.slot_of[i] for i in used - {0}})

@@ -153,14 +153,14 @@ class SlotPools:
             pool.free.extend(range(old, capacity))
 
     # ---- per batch -----------------------------------------------------------------------------------------------
-    def token_slots(self, adapter_indices: torch.Tensor) -> torch.Tensor:
-        """Each request's slot (-1 for the base model) from its router index; unknown indices raise."""
+    def token_slots(self, adapter_indices: torch.Tensor, used: frozenset[int]) -> torch.Tensor:
+        """Each request's slot (-1 for the base model) from its router index. `used` is the set of those indices,
+        known on the host: one not loaded raises here rather than running its request on the base model."""
+        missing = used - self.slot_of.keys() - {0}
+        if missing:
+            raise ValueError(f"adapter index {min(missing)} is not loaded on this shard")
         index = adapter_indices.clamp(max=self._lut.numel() - 1)
-        slots = torch.where(adapter_indices < self._lut.numel(), self._lut[index], -1)
-        missing = (slots < 0) & (adapter_indices != 0)
-        if bool(missing.any()):  # never run a request on the base model when it asked for an adapter
-            raise ValueError(f"adapter index {int(adapter_indices[missing][0])} is not loaded on this shard")
-        return slots
+        return torch.where(adapter_indices < self._lut.numel(), self._lut[index], -1)
 
     @property
     def bytes_held(self) -> int:

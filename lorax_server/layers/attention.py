@@ -43,38 +43,43 @@ def build_metadata(
     kv_lens: torch.Tensor,
     block_tables: torch.Tensor,
     block_size: int,
-    sliding_window: int | None = None,
+    sliding_window: int | None,
+    max_query: int,
+    max_kv: int,
 ) -> AttentionMetadata:
     """Index tensors for requests that add `query_lens` tokens and then hold `kv_lens` tokens in total.
 
     The new tokens of request b sit at positions kv_lens[b]-query_lens[b] .. kv_lens[b]-1; flat tokens are
-    ordered request by request.
+    ordered request by request. The maxima of both lengths come from the host, which knows them, so that building
+    the metadata never waits for the device; a decode step (one query each) needs no boolean selection either.
     """
     device = query_lens.device
     batch = query_lens.shape[0]
-    max_q = int(query_lens.max())
-    num_blocks = -(-int(kv_lens.max()) // block_size)
-    q_range = torch.arange(max_q, device=device)
+    num_blocks = -(-max_kv // block_size)
+    q_range = torch.arange(max_query, device=device)
     q_valid = q_range[None, :] < query_lens[:, None]
     q_pos = (kv_lens - query_lens)[:, None] + q_range[None, :]
     q_pos_safe = torch.where(q_valid, q_pos, 0)
 
     starts = torch.cumsum(query_lens, 0) - query_lens
     query_index = torch.where(q_valid, starts[:, None] + q_range[None, :], 0)
-    output_index = (torch.arange(batch, device=device)[:, None] * max_q + q_range[None, :])[q_valid]
-
     block_of = block_tables.gather(1, torch.div(q_pos_safe, block_size, rounding_mode="floor"))
-    slot_mapping = (block_of * block_size + q_pos_safe % block_size)[q_valid]
+    slots = block_of * block_size + q_pos_safe % block_size
+    if max_query == 1:
+        positions, slot_mapping, output_index = q_pos[:, 0], slots[:, 0], torch.arange(batch, device=device)
+    else:
+        positions, slot_mapping = q_pos[q_valid], slots[q_valid]
+        output_index = (torch.arange(batch, device=device)[:, None] * max_query + q_range[None, :])[q_valid]
     k_range = torch.arange(num_blocks * block_size, device=device)
     mask = (k_range[None, None, :] <= q_pos[:, :, None]) & (k_range[None, None, :] < kv_lens[:, None, None])
     if sliding_window:
         mask &= k_range[None, None, :] > q_pos[:, :, None] - sliding_window
     mask[:, :, 0] |= ~q_valid  # padded queries attend to one key so the softmax stays finite
     decode_bias = None
-    if max_q == 1:
+    if max_query == 1:
         decode_bias = torch.zeros(mask.shape, dtype=torch.float32, device=device).masked_fill_(~mask, float("-inf"))
     return AttentionMetadata(
-        positions=q_pos[q_valid],
+        positions=positions,
         slot_mapping=slot_mapping,
         query_index=query_index,
         output_index=output_index,

@@ -24,10 +24,11 @@ GROUPS = {
 class LoraBatch:
     """Which slot each token of one forward pass uses, and the pools to read (the only per-step LoRA input)."""
 
-    def __init__(self, pools: SlotPools, token_slots: torch.Tensor, out_sizes: dict[str, int]):
-        """token_slots [T]: each token's slot, -1 for the base model. out_sizes: module -> output features."""
+    def __init__(self, pools: SlotPools, token_slots: torch.Tensor, out_sizes: dict[str, int], slots: set[int]):
+        """token_slots [T]: each token's slot, -1 for the base model; `slots`: the set of them but -1 (known on the
+        host, so the batch's modules are found without reading the device). out_sizes: module -> output features."""
         self.token_slots = token_slots
-        targeted = set().union(*(pools.targets[s] for s in set(token_slots.tolist()) if s >= 0))
+        targeted = set().union(*(pools.targets[s] for s in slots))
         self._groups = {}  # only the modules some token's adapter targets: no kernel call for the rest
         for group, modules in GROUPS.items():
             offsets, start = [], 0
