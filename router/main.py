@@ -23,7 +23,7 @@ import uvicorn
 from fastapi import FastAPI
 from tokenizers import Tokenizer
 
-from router.app import AppConfig, create_app
+from router.app import create_app
 from router.auth import load_api_keys
 from router.batching import BatchingConfig, BatchingLoop
 from router.infer import Infer
@@ -33,6 +33,7 @@ from router.scheduler import Scheduler
 from router.schemas import Info
 from router.shards import ShardedClient, ShardError
 from router.startup import StartupError, warmup
+from router.state import AppConfig
 from router.validation import AdapterSpec, TokenizerPool, ValidationLimits, Validator
 
 if TYPE_CHECKING:

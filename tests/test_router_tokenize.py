@@ -7,12 +7,13 @@ import asyncio
 import httpx
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
-from router.app import AppConfig, create_app
+from router.app import create_app
 from router.chat_template import ChatTemplate
 from router.infer import Infer
 from router.metrics import Metrics
 from router.model_tokenizer import ModelTokenizer
 from router.schemas import Info
+from router.state import AppConfig
 from router.validation import TokenizerPool, ValidationLimits, Validator
 from tests.test_router_support import router_stack, run, word_tokenizer
 
