@@ -5,10 +5,12 @@ Keys and values are gathered a whole block at a time (one contiguous copy per bl
 and requests of different lengths are handled by masking, so there is no Python loop over requests. Prefill
 (many query tokens) uses the fused SDPA kernel; decode (one query per request) uses two batched matmuls over
 (kv head, request) with a float32 softmax: on CPU that is several times faster than SDPA for a single query.
+Layers with their own sliding window (Gemma's alternating local/global layers) narrow the shared mask, once per
+forward and window; tanh soft-capping of the scores (Gemma 2), which SDPA cannot do, takes the explicit path.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +28,9 @@ class AttentionMetadata:
     block_size: int
     mask: torch.Tensor  # [B, 1, Q, K] True where a query may attend to a key
     decode_bias: torch.Tensor | None  # [B, 1, K] float32 0 / -inf: the mask as decode attention adds it
+    query_positions: torch.Tensor  # [B, Q] absolute position of each request's i-th query (padding -> 0)
     _key_rows: torch.Tensor | None = None
+    _windowed: dict = field(default_factory=dict)
 
     def key_rows(self, heads: int, cache_blocks: int) -> torch.Tensor:
         """[heads * B * K/block_size] rows of a layer's cache viewed as [heads * cache_blocks, block] holding each
@@ -36,6 +40,20 @@ class AttentionMetadata:
             offsets = torch.arange(heads, device=self.key_blocks.device)[:, None] * cache_blocks
             self._key_rows = (offsets + self.key_blocks.view(1, -1)).view(-1)
         return self._key_rows
+
+    def masks(self, window: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(mask, decode_bias) for a layer that sees the shared mask (window None) narrowed to the last `window`
+        positions; built once per forward and window. Padded queries keep key 0 (0 > -window)."""
+        if window is None:
+            return self.mask, self.decode_bias
+        if window not in self._windowed:
+            keys = torch.arange(self.mask.shape[-1], device=self.mask.device)
+            mask = self.mask & (keys > self.query_positions[:, None, :, None] - window)
+            bias = None
+            if self.decode_bias is not None:
+                bias = torch.zeros_like(self.decode_bias).masked_fill_(~mask[:, 0], float("-inf"))
+            self._windowed[window] = mask, bias
+        return self._windowed[window]
 
 
 def build_metadata(
@@ -87,6 +105,7 @@ def build_metadata(
         block_size=block_size,
         mask=mask.unsqueeze(1),
         decode_bias=decode_bias,
+        query_positions=q_pos_safe,
     )
 
 
@@ -98,34 +117,65 @@ def _gather_blocks(kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Ten
     return rows.view(heads, meta.key_blocks.shape[0], -1, dim)
 
 
-def _decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor, scale: float) -> torch.Tensor:
+def _soft_cap(scores: torch.Tensor, cap: float | None) -> torch.Tensor:
+    return scores if cap is None else torch.tanh(scores / cap) * cap
+
+
+def _decode_attention(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor, scale: float, softcap: float | None
+) -> torch.Tensor:
     """q [B, H, D] against keys/values [Hkv, B, K, D]; query head h reads KV head h // (H / Hkv)."""
     batch, heads, dim = q.shape
     kv_heads = keys.shape[0]
     grouped = q.view(batch, kv_heads, heads // kv_heads, dim).transpose(0, 1)  # [Hkv, B, group, D]
-    scores = torch.matmul(grouped, keys.transpose(-1, -2)) * scale + bias  # [Hkv, B, group, K], float32
+    scores = _soft_cap(torch.matmul(grouped, keys.transpose(-1, -2)) * scale, softcap) + bias  # [Hkv, B, group, K], float32
     probs = scores.softmax(-1).to(q.dtype)
     return torch.matmul(probs, values).transpose(0, 1).reshape(batch, heads * dim)
 
 
+def _capped_prefill_attention(
+    queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, scale: float, softcap: float
+) -> torch.Tensor:
+    """queries [B, H, Q, D] against keys/values [B, Hkv, K, D] with soft-capped scores and a float32 softmax."""
+    batch, heads, max_q, dim = queries.shape
+    kv_heads = keys.shape[1]
+    grouped = queries.reshape(batch, kv_heads, heads // kv_heads * max_q, dim)
+    scores = _soft_cap(torch.matmul(grouped, keys.transpose(-1, -2)) * scale, softcap)
+    scores = scores.view(batch, heads, max_q, -1).masked_fill(~mask, float("-inf"))
+    probs = scores.softmax(-1, dtype=torch.float32).to(queries.dtype).view(batch, kv_heads, -1, keys.shape[2])
+    return torch.matmul(probs, values).view(batch, heads, max_q, dim)
+
+
 def paged_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Store k/v ([T, kv_heads, D]) in one layer's cache ([2, kv_heads, slots, D]), attend q ([T, heads, D]);
-    returns [T, heads*D]. Keys and values move together: one write and one gather per layer."""
+    returns [T, heads*D]. Keys and values move together: one write and one gather per layer. `window`: this
+    layer's own sliding window on top of the shared mask; `softcap`: scores become tanh(s / cap) * cap."""
     kv_heads = k.shape[1]
     new = torch.cat([k, v], dim=1).transpose(0, 1)  # [2 * Hkv, T, D]
     kv_cache.view(2 * kv_heads, -1, k.shape[2]).index_copy_(1, meta.slot_mapping, new)
     gathered = _gather_blocks(kv_cache, meta)
     keys, values = gathered[:kv_heads], gathered[kv_heads:]
-    if meta.decode_bias is not None:
-        return _decode_attention(q, keys, values, meta.decode_bias, scale)
+    mask, decode_bias = meta.masks(window)
+    if decode_bias is not None:
+        return _decode_attention(q, keys, values, decode_bias, scale, softcap)
     batch, max_q = meta.query_index.shape
     heads, dim = q.shape[1], q.shape[2]
     queries = q[meta.query_index].transpose(1, 2)  # [B, H, Q, D]
-    out = F.scaled_dot_product_attention(
-        queries, keys.transpose(0, 1), values.transpose(0, 1), attn_mask=meta.mask, scale=scale,
-        enable_gqa=heads != kv_heads,
-    )
+    if softcap is not None:
+        out = _capped_prefill_attention(queries, keys.transpose(0, 1), values.transpose(0, 1), mask, scale, softcap)
+    else:
+        out = F.scaled_dot_product_attention(
+            queries, keys.transpose(0, 1), values.transpose(0, 1), attn_mask=mask, scale=scale,
+            enable_gqa=heads != kv_heads,
+        )
     out = out.transpose(1, 2).reshape(batch * max_q, heads * dim)
     return out[meta.output_index]

@@ -1,16 +1,22 @@
-"""Model registry: config.json `architectures` -> implementation."""
+"""Model registry: config.json `architectures` -> the family module that reads its config (one per family, all
+built on the shared decoder in decoder.py)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from lorax_server.dist import Parallel
-from lorax_server.models.llama import ARCHITECTURES as LLAMA_ARCHITECTURES
-from lorax_server.models.llama import LlamaModel
+from lorax_server.models import gemma, granite, llama, qwen3
+from lorax_server.models.decoder import DecoderConfig, DecoderModel
 from lorax_server.weights import Weights, load_config
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+FAMILIES = (llama, qwen3, granite, gemma)
+READERS: dict[str, Callable[[dict], DecoderConfig]] = {
+    arch: family.read_config for family in FAMILIES for arch in family.ARCHITECTURES
+}
 
 
 def choose_dtype(requested: str | None, device: torch.device) -> torch.dtype:
@@ -23,11 +29,16 @@ def choose_dtype(requested: str | None, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def load_model(folder: Path, dtype: str | None, device: torch.device, parallel: Parallel) -> LlamaModel:
-    """Build the model class named by the folder's config.json and load this rank's weights."""
-    config = load_config(folder)
+def read_config(config: dict) -> DecoderConfig:
+    """The decoder config of a config.json, read by the family its first `architectures` entry names."""
     arch = (config.get("architectures") or ["<none>"])[0]
-    if arch not in LLAMA_ARCHITECTURES:
-        raise ValueError(f"unsupported architecture '{arch}' (supported: {', '.join(LLAMA_ARCHITECTURES)})")
+    if arch not in READERS:
+        raise ValueError(f"unsupported architecture '{arch}' (supported: {', '.join(READERS)})")
+    return READERS[arch](config)
+
+
+def load_model(folder: Path, dtype: str | None, device: torch.device, parallel: Parallel) -> DecoderModel:
+    """Build the model class named by the folder's config.json and load this rank's weights."""
+    cfg = read_config(load_config(folder))
     weights = Weights(folder, choose_dtype(dtype, device), device, parallel.rank, parallel.world_size)
-    return LlamaModel(config, weights, parallel)
+    return DecoderModel(cfg, weights, parallel)

@@ -1,0 +1,307 @@
+"""The decoder skeleton every native family shares: embedding, layers of (RMSNorm, rotary grouped-query attention
+over the paged KV cache, gated MLP), final norm, LM head; batched multi-LoRA on qkv/o/gate_up/down; tensor-parallel
+across shards. A family is the `DecoderConfig` its module reads from config.json (see llama.py, qwen3.py, ...).
+
+Column-parallel: q/k/v (split by heads) and gate/up (split by intermediate features). Row-parallel with an
+all-reduce: o and down. Vocab-parallel: embedding and lm_head (logits all-gathered).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from lorax_server.adapters.weights import ModuleShape
+from lorax_server.dist import Parallel
+from lorax_server.layers.attention import AttentionMetadata, paged_attention
+from lorax_server.layers.linear import Linear
+from lorax_server.layers.lora import LoraBatch
+from lorax_server.layers.norm import RMSNorm
+from lorax_server.layers.rotary import Rotary, apply_rotary, rope_parameters
+from lorax_server.weights import Weights
+
+ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh")}
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    """Sizes, plus the ways families differ (defaults are Llama's)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    tie_word_embeddings: bool
+    max_position_embeddings: int
+    raw: dict
+    rope: dict[str, dict]  # rotary settings by name (layers/rotary.py's rope_parameters)
+    layer_rope: tuple[str, ...]  # the `rope` entry each layer rotates with
+    layer_windows: tuple[int | None, ...]  # each layer's sliding window; None: it sees the whole sequence
+    qkv_bias: bool = False
+    o_bias: bool = False
+    activation: str = "silu"
+    qk_norm: bool = False  # Qwen3, Gemma 3: RMSNorm over each head of q and k, before rotary
+    unit_offset_norms: bool = False  # Gemma: every norm scales by (1 + weight)
+    sandwich_norms: bool = False  # Gemma 2/3: attention and MLP outputs are normed too before the residual add
+    attention_scale: float | None = None  # None: head_dim ** -0.5
+    embedding_multiplier: float = 1.0
+    embedding_multiplier_in_dtype: bool = False  # Gemma rounds its multiplier to the model dtype first
+    residual_multiplier: float = 1.0
+    logits_scaling: float = 1.0  # logits are divided by it
+    attn_softcap: float | None = None  # attention scores become tanh(s / cap) * cap
+    final_softcap: float | None = None  # the same for the logits
+
+    @classmethod
+    def from_dict(cls, cfg: dict, **family) -> "DecoderConfig":
+        """The fields every family reads alike from config.json; `family` sets the rest."""
+        heads = cfg["num_attention_heads"]
+        layers = cfg["num_hidden_layers"]
+        if cfg.get("mlp_bias"):
+            raise ValueError("mlp_bias=true checkpoints are not supported")
+        if family.get("activation", "silu") not in ACTIVATIONS:
+            raise ValueError(f"unsupported activation '{family['activation']}' (supported: {', '.join(ACTIVATIONS)})")
+        common = dict(
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            num_layers=layers,
+            num_heads=heads,
+            num_kv_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+            raw=cfg,
+            rope={"all": rope_parameters(cfg)},
+            layer_rope=("all",) * layers,
+            layer_windows=(None,) * layers,
+        )
+        return cls(**{**common, **family})
+
+    @property
+    def sliding_window(self) -> int | None:
+        """The window all layers share, which the attention metadata applies for the whole forward; None when the
+        layers differ (each sliding layer then narrows the mask itself) or none slides."""
+        windows = set(self.layer_windows)
+        return windows.pop() if len(windows) == 1 else None
+
+
+def layer_types(cfg: dict, sliding: Callable[[int], bool]) -> tuple[str, ...]:
+    """Each layer's attention type, "sliding_attention" or "full_attention": config.json's `layer_types` where saved
+    (transformers 5), else the family's rule for which layer indices slide."""
+    layers = cfg["num_hidden_layers"]
+    types = cfg.get("layer_types") or ["sliding_attention" if sliding(i) else "full_attention" for i in range(layers)]
+    return tuple(types[:layers])
+
+
+def layer_windows(types: tuple[str, ...], window: int | None) -> tuple[int | None, ...]:
+    """Each layer's sliding window: `window` for sliding layers (none at all when it is None)."""
+    return tuple(window if t == "sliding_attention" else None for t in types)
+
+
+def kv_heads_for_rank(cfg: DecoderConfig, parallel: Parallel) -> tuple[int, int]:
+    """[first, stop) of the KV heads this rank needs: split when there are enough, replicated when fewer."""
+    q_start, q_stop = parallel.split(cfg.num_heads, "num_attention_heads")
+    group = cfg.num_heads // cfg.num_kv_heads
+    local_q = q_stop - q_start
+    if local_q % group and group % local_q:
+        raise ValueError(
+            f"{cfg.num_heads} attention heads with {cfg.num_kv_heads} KV heads cannot be split over "
+            f"{parallel.world_size} shards"
+        )
+    return q_start // group, (q_stop - 1) // group + 1
+
+
+class DecoderLayer:
+    """One decoder layer holding this rank's slices of the weights."""
+
+    def __init__(self, cfg: DecoderConfig, weights: Weights, parallel: Parallel, index: int):
+        p = f"model.layers.{index}"
+        self.parallel = parallel
+        d = cfg.head_dim
+        q0, q1 = parallel.split(cfg.num_heads, "num_attention_heads")
+        k0, k1 = kv_heads_for_rank(cfg, parallel)
+        self.index = index
+        self.num_heads, self.num_kv_heads, self.head_dim = q1 - q0, k1 - k0, d
+        self.q_range, self.kv_range = (q0 * d, q1 * d), (k0 * d, k1 * d)
+        self.q_size, self.kv_size = self.num_heads * d, self.num_kv_heads * d
+        qkv = [
+            weights.get_rows(f"{p}.self_attn.q_proj.weight", q0 * d, q1 * d),
+            weights.get_rows(f"{p}.self_attn.k_proj.weight", k0 * d, k1 * d),
+            weights.get_rows(f"{p}.self_attn.v_proj.weight", k0 * d, k1 * d),
+        ]
+        self.qkv = Linear(torch.cat(qkv))
+        self.qkv_bias = None
+        if cfg.qkv_bias:
+            self.qkv_bias = torch.cat([
+                weights.get_rows(f"{p}.self_attn.q_proj.bias", q0 * d, q1 * d),
+                weights.get_rows(f"{p}.self_attn.k_proj.bias", k0 * d, k1 * d),
+                weights.get_rows(f"{p}.self_attn.v_proj.bias", k0 * d, k1 * d),
+            ])
+        self.o = Linear(weights.get_cols(f"{p}.self_attn.o_proj.weight", q0 * d, q1 * d))
+        self.o_bias = weights.get(f"{p}.self_attn.o_proj.bias") if cfg.o_bias else None
+        i0, i1 = parallel.split(cfg.intermediate_size, "intermediate_size")
+        self.inter, self.inter_range = i1 - i0, (i0, i1)
+        gate_up = [weights.get_rows(f"{p}.mlp.gate_proj.weight", i0, i1), weights.get_rows(f"{p}.mlp.up_proj.weight", i0, i1)]
+        self.gate_up = Linear(torch.cat(gate_up))
+        self.down = Linear(weights.get_cols(f"{p}.mlp.down_proj.weight", i0, i1))
+        self.act = ACTIVATIONS[cfg.activation]
+
+        norm = partial(RMSNorm, eps=cfg.rms_norm_eps, unit_offset=cfg.unit_offset_norms)
+        self.input_norm = norm(weights.get(f"{p}.input_layernorm.weight"))
+        self.post_attn_norm = self.post_mlp_norm = None
+        if cfg.sandwich_norms:
+            self.post_attn_norm = norm(weights.get(f"{p}.post_attention_layernorm.weight"))
+            self.pre_mlp_norm = norm(weights.get(f"{p}.pre_feedforward_layernorm.weight"))
+            self.post_mlp_norm = norm(weights.get(f"{p}.post_feedforward_layernorm.weight"))
+        else:  # Llama's "post-attention" norm is the MLP's input norm
+            self.pre_mlp_norm = norm(weights.get(f"{p}.post_attention_layernorm.weight"))
+        self.qk_norm = None
+        if cfg.qk_norm:  # one [heads, head_dim] weight normalises q's and k's heads in one call
+            q_norm, k_norm = weights.get(f"{p}.self_attn.q_norm.weight"), weights.get(f"{p}.self_attn.k_norm.weight")
+            self.qk_norm = norm(torch.cat([q_norm.expand(self.num_heads, d), k_norm.expand(self.num_kv_heads, d)]))
+
+        self.scale = cfg.attention_scale or d**-0.5
+        self.softcap = cfg.attn_softcap
+        self.window = cfg.layer_windows[index] if cfg.sliding_window is None else None
+        self.rope = cfg.layer_rope[index]
+        self.residual_multiplier = cfg.residual_multiplier
+
+    def _row_parallel(
+        self, x: torch.Tensor, linear: Linear, bias: torch.Tensor | None, lora: LoraBatch | None, group: str
+    ) -> torch.Tensor:
+        out = linear(x)
+        if lora is not None:  # the partial x@A sums over ranks in the same all-reduce as the base output
+            out = lora.apply(group, self.index, x, out)
+        out = self.parallel.all_reduce(out)
+        return out + bias if bias is not None else out
+
+    def _residual(self, hidden: torch.Tensor, out: torch.Tensor, norm: RMSNorm | None) -> torch.Tensor:
+        if norm is not None:
+            out = norm(out)
+        if self.residual_multiplier != 1.0:
+            out = out * self.residual_multiplier
+        return hidden + out
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        rotary: dict[str, tuple[torch.Tensor, torch.Tensor]],
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        lora: LoraBatch | None,
+    ) -> torch.Tensor:
+        """rotary: each `rope` entry's cos and signed sin for this forward's tokens."""
+        x = self.input_norm(hidden)
+        qkv = self.qkv(x)
+        if lora is not None:
+            qkv = lora.apply("qkv", self.index, x, qkv)
+        if self.qkv_bias is not None:
+            qkv = qkv + self.qkv_bias
+        tokens, heads = x.shape[0], self.num_heads
+        qk = qkv[:, : self.q_size + self.kv_size].view(tokens, heads + self.num_kv_heads, self.head_dim)
+        if self.qk_norm is not None:
+            qk = self.qk_norm(qk)
+        qk = apply_rotary(qk, *rotary[self.rope])
+        q, k = qk[:, :heads], qk[:, heads:]
+        v = qkv[:, self.q_size + self.kv_size :].view(tokens, self.num_kv_heads, self.head_dim)
+        attn = paged_attention(q, k, v, kv_cache, meta, self.scale, self.window, self.softcap)
+        hidden = self._residual(hidden, self._row_parallel(attn, self.o, self.o_bias, lora, "o"), self.post_attn_norm)
+
+        x = self.pre_mlp_norm(hidden)
+        gate_up = self.gate_up(x)
+        if lora is not None:
+            gate_up = lora.apply("gate_up", self.index, x, gate_up)
+        gate, up = gate_up.split([self.inter, self.inter], dim=-1)
+        out = self._row_parallel(self.act(gate) * up, self.down, None, lora, "down")
+        return self._residual(hidden, out, self.post_mlp_norm)
+
+
+class DecoderModel:
+    """Weights of one rank plus the forward pass over a flat batch of tokens."""
+
+    def __init__(self, cfg: DecoderConfig, weights: Weights, parallel: Parallel):
+        self.cfg, self.parallel = cfg, parallel
+        self.dtype, self.device = weights.dtype, weights.device
+        self.vocab_start, self.vocab_stop = parallel.split(cfg.vocab_size, "vocab_size")
+        self.embed = weights.get_rows("model.embed_tokens.weight", self.vocab_start, self.vocab_stop)
+        if cfg.tie_word_embeddings or "lm_head.weight" not in weights:
+            self.lm_head = Linear(self.embed)
+        else:
+            self.lm_head = Linear(weights.get_rows("lm_head.weight", self.vocab_start, self.vocab_stop))
+        self.layers = [DecoderLayer(cfg, weights, parallel, i) for i in range(cfg.num_layers)]
+        self.norm = RMSNorm(weights.get("model.norm.weight"), cfg.rms_norm_eps, cfg.unit_offset_norms)
+        self.rotaries = {
+            name: Rotary(params, cfg.head_dim, cfg.max_position_embeddings, self.device, self.dtype)
+            for name, params in cfg.rope.items()
+        }
+        self.num_kv_heads = self.layers[0].num_kv_heads
+        multiplier = cfg.embedding_multiplier
+        if cfg.embedding_multiplier_in_dtype:
+            multiplier = torch.tensor(multiplier, dtype=self.dtype, device=self.device)
+        self.embed_multiplier = None if cfg.embedding_multiplier == 1.0 else multiplier
+
+    def lora_shapes(self) -> dict[str, ModuleShape]:
+        """Full sizes of each LoRA-targetable linear and the slice this rank holds."""
+        layer, hidden, inter = self.layers[0], self.cfg.hidden_size, self.cfg.intermediate_size
+        q_full, kv_full = self.cfg.num_heads * self.cfg.head_dim, self.cfg.num_kv_heads * self.cfg.head_dim
+        return {
+            "q_proj": ModuleShape(hidden, q_full, "out", *layer.q_range),
+            "k_proj": ModuleShape(hidden, kv_full, "out", *layer.kv_range),
+            "v_proj": ModuleShape(hidden, kv_full, "out", *layer.kv_range),
+            "o_proj": ModuleShape(q_full, hidden, "in", *layer.q_range),
+            "gate_proj": ModuleShape(hidden, inter, "out", *layer.inter_range),
+            "up_proj": ModuleShape(hidden, inter, "out", *layer.inter_range),
+            "down_proj": ModuleShape(inter, hidden, "in", *layer.inter_range),
+        }
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of KV cache one token occupies on this rank (all layers, keys and values)."""
+        element = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.cfg.num_layers * self.num_kv_heads * self.cfg.head_dim * element
+
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.parallel.world_size == 1:
+            out = self.embed[input_ids]
+        else:
+            local = input_ids - self.vocab_start
+            inside = (local >= 0) & (local < self.embed.shape[0])
+            out = self.embed[torch.where(inside, local, 0)] * inside.unsqueeze(-1).to(self.dtype)
+            out = self.parallel.all_reduce(out)
+        return out if self.embed_multiplier is None else out * self.embed_multiplier
+
+    def _finish_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.cfg.logits_scaling != 1.0:
+            logits = logits / self.cfg.logits_scaling
+        if self.cfg.final_softcap is not None:
+            logits = torch.tanh(logits / self.cfg.final_softcap) * self.cfg.final_softcap
+        return logits.float()
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        meta: AttentionMetadata,
+        kv_cache: torch.Tensor,
+        logit_rows: torch.Tensor,
+        lora: LoraBatch | None = None,
+    ) -> torch.Tensor:
+        """Logits [len(logit_rows), vocab] for the selected flat tokens; K/V of every token go to the cache.
+
+        kv_cache is [layers, 2, kv_heads, slots, head_dim].
+        """
+        hidden = self._embed(input_ids)
+        rotary = {name: rotary.tables(meta.positions) for name, rotary in self.rotaries.items()}
+        for i, layer in enumerate(self.layers):
+            hidden = layer.forward(hidden, rotary, kv_cache[i], meta, lora)
+        hidden = self.norm(hidden[logit_rows])
+        logits = self.lm_head(hidden)
+        return self._finish_logits(self.parallel.all_gather_last_dim(logits))
