@@ -48,7 +48,7 @@ def create_app(
     app.include_router(openai.router, dependencies=guarded)
     app.include_router(admin.tokenizing, dependencies=guarded)
     app.include_router(admin.probes)
-    app.include_router(admin.scraping)
+    app.include_router(admin.scraping, dependencies=guarded if config.metrics_require_key else [])
     return app
 
 

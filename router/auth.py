@@ -1,6 +1,6 @@
 """Optional API keys: with LORAX_API_KEY set, generating, tokenizing and adapter routes need
-`Authorization: Bearer <key>` (what OpenAI clients send as their `api_key`). Probes and scrapers (/health, /ping,
-/metrics, /info) stay open.
+`Authorization: Bearer <key>` (what OpenAI clients send as their `api_key`). Probes (/health, /ping, /info) stay
+open; scrapers too, unless LORAX_METRICS_REQUIRE_KEY closes /metrics behind the same keys.
 
 LORAX_API_KEY is one key, several separated by commas, or the path of a file with one key per line. Keys are
 compared in constant time, and never logged or echoed in an error.
@@ -17,6 +17,8 @@ from fastapi import Request
 from router.errors import UnauthorizedError
 
 ENV = "LORAX_API_KEY"
+METRICS_ENV = "LORAX_METRICS_REQUIRE_KEY"
+_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"", "0", "false", "no", "off"}
 
 
 def load_api_keys(value: str | None = None) -> tuple[str, ...]:
@@ -30,6 +32,14 @@ def load_api_keys(value: str | None = None) -> tuple[str, ...]:
     if not keys:
         raise ValueError(f"{ENV} names no key")
     return keys
+
+
+def load_metrics_require_key(value: str | None = None) -> bool:
+    """Whether /metrics needs an API key too (a boolean env var: 1/true/yes/on or 0/false/no/off)."""
+    value = (os.environ.get(METRICS_ENV, "") if value is None else value).strip().lower()
+    if value not in _TRUE | _FALSE:
+        raise ValueError(f"{METRICS_ENV} must be true or false, not {value!r}")
+    return value in _TRUE
 
 
 def bearer_token(request: Request) -> str | None:

@@ -24,7 +24,7 @@ from fastapi import FastAPI
 from tokenizers import Tokenizer
 
 from router.app import create_app
-from router.auth import load_api_keys
+from router.auth import METRICS_ENV, load_api_keys, load_metrics_require_key
 from router.batching import BatchingConfig, BatchingLoop
 from router.infer import Infer
 from router.metrics import Metrics
@@ -175,6 +175,12 @@ class Router:
 
 async def build_router(args: argparse.Namespace, tokenizer: Tokenizer, client: ShardedClient) -> Router:
     """Warm the shards up and wire validation, scheduling, batching and routes together."""
+    try:
+        api_keys, metrics_require_key = load_api_keys(), load_metrics_require_key()
+    except (OSError, ValueError) as error:
+        raise StartupError(str(error)) from error
+    if metrics_require_key and not api_keys:
+        logger.warning("%s has no effect without LORAX_API_KEY: /metrics stays open like every route", METRICS_ENV)
     shard_info = await client.info()
     block_size = max(shard_info.block_size, 1)
     max_batch_total_tokens = await warmup(
@@ -241,7 +247,7 @@ async def build_router(args: argparse.Namespace, tokenizer: Tokenizer, client: S
         info=info, default_adapter_source=args.adapter_source, cors_allow_origins=tuple(args.cors_allow_origin),
         tokenizer=ModelTokenizer.load(tokenizer, args.tokenizer_name, args.revision),
         adapter_tiers=lambda: client.adapter_memory,
-        api_keys=load_api_keys(),
+        api_keys=api_keys, metrics_require_key=metrics_require_key,
     )
     return Router(create_app(infer, client.health, config, metrics), scheduler, batching, tokenizers, tracer)
 

@@ -26,6 +26,7 @@ class AppConfig:
     tokenizer: ModelTokenizer | None = None  # for /tokenize and chat templates
     adapter_tiers: Callable[[], dict[str, tuple[int, int]]] | None = None  # live tier report for /info
     api_keys: tuple[str, ...] = ()  # LORAX_API_KEY: when set, generating routes need one of them (router/auth.py)
+    metrics_require_key: bool = False  # LORAX_METRICS_REQUIRE_KEY: /metrics needs one of them too
 
 
 @dataclass

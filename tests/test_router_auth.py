@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from router.auth import load_api_keys
+from router.auth import load_api_keys, load_metrics_require_key
 from tests.test_router_support import router_stack, run
 
 LIMITS = ("--max-input-length", "10", "--max-total-tokens", "20", "--max-batch-prefill-tokens", "40")
@@ -27,6 +27,12 @@ def test_keys_come_from_a_list_or_a_file(tmp_path):
     assert load_api_keys(str(keys)) == ("first", "second")
     with pytest.raises(ValueError, match="names no key"):
         load_api_keys(",")
+
+
+def test_metrics_flag_is_a_strict_boolean():
+    assert [load_metrics_require_key(v) for v in ("", "0", "no", "1", "True", " yes ")] == [False] * 3 + [True] * 3
+    with pytest.raises(ValueError, match="LORAX_METRICS_REQUIRE_KEY must be true or false"):
+        load_metrics_require_key("sometimes")
 
 
 def test_routes_need_the_key_and_probes_stay_open(monkeypatch):
@@ -59,5 +65,22 @@ def test_without_keys_the_bearer_is_the_hub_token_and_nothing_is_guarded(monkeyp
             reply = await stack.http.post("/generate", json={"inputs": "w1", "parameters": {"max_new_tokens": 1}},
                                           headers={"authorization": "Bearer anything"})
             assert reply.status_code == 200
+
+    run(scenario())
+
+
+def test_metrics_can_be_closed_behind_the_keys(monkeypatch):
+    monkeypatch.setenv("LORAX_API_KEY", "k-one")
+    monkeypatch.setenv("LORAX_METRICS_REQUIRE_KEY", "1")
+
+    async def scenario():
+        async with router_stack(*LIMITS) as stack:
+            for accept in ("text/plain", "application/json"):
+                refused = await stack.http.get("/metrics", headers={"accept": accept})
+                assert refused.status_code == 401 and refused.json()["error_type"] == "unauthorized"
+                allowed = await stack.http.get("/metrics", headers={"accept": accept, "authorization": "Bearer k-one"})
+                assert allowed.status_code == 200 and "lorax_request_count" in allowed.text
+            for path in ("/health", "/ping", "/info"):
+                assert (await stack.http.get(path)).status_code == 200, path
 
     run(scenario())
