@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from pathlib import Path
 
 import torch
@@ -20,6 +19,7 @@ from lorax_server.batch import Batch, RequestState
 from lorax_server.dist import Parallel
 from lorax_server.kv_cache import BLOCK_SIZE, KVCache
 from lorax_server.layers.attention import build_metadata
+from lorax_server.memory import NotEnoughMemory, PeakTracker, device_memory, plan_kv_tokens
 from lorax_server.pb import generate_pb2
 from lorax_server.sampling import Watermark, choose
 from lorax_server.structured import Grammars
@@ -42,20 +42,6 @@ def eos_token_ids(folder: Path, tokenizer) -> list[int]:
         eos = json.loads(gen.read_text()).get("eos_token_id")
         ids.update([eos] if isinstance(eos, int) else (eos or []))
     return sorted(ids)
-
-
-def kv_capacity_tokens(model, device: torch.device) -> int:
-    """How many tokens of KV cache to allocate: most of the free GPU memory, or a bounded share of RAM."""
-    per_token = model.kv_bytes_per_token
-    if device.type == "cuda":
-        free, total = torch.cuda.mem_get_info(device)
-        fraction = float(os.environ.get("CUDA_MEMORY_FRACTION", "1.0"))
-        wiggle = float(os.environ.get("MEMORY_WIGGLE_ROOM", "0.9"))
-        budget = free * wiggle - (1 - fraction) * total
-        return max(int(budget // per_token), BLOCK_SIZE)
-    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    budget = min(available // 4, 4 << 30)
-    return max(min(int(budget // per_token), 131072), BLOCK_SIZE)
 
 
 class Generator:
@@ -82,22 +68,50 @@ class Generator:
         )
         return blocks * BLOCK_SIZE
 
-    def warmup(self, pb_batch: generate_pb2.Batch) -> int:
-        """Size the cache, prove the largest prefill the router will send fits, and return the capacity."""
-        capacity = self.allocate_cache(kv_capacity_tokens(self.model, self.device))
-        batch = Batch.from_pb(pb_batch, self.tokenizer, self.cache, self.device, self.grammars, self.limits, max_new_override=2)
+    def warmup(self, pb_batch: generate_pb2.Batch, needed_tokens: int = 0) -> int:
+        """Plan memory as the reference does and return the KV capacity in tokens: note what the weights left free,
+        run the router's largest prefill (with a cache just big enough for it) and measure its peak, then size the
+        cache from what is left after that peak and the adapter reservation (`memory.py`). `needed_tokens` is the
+        least the cache must hold (the prefill budget, one request of --max-total-tokens); less is a start-up
+        error that names --max-batch-prefill-tokens, as is running out of memory during the warm-up itself."""
+        memory = device_memory(self.device)
+        self.cache = None
+        prompts = [len(r.tokenized_inputs.ids) or len(self.tokenizer(r.inputs)["input_ids"]) for r in pb_batch.requests]
+        prompts = [min(n, r.truncate) if r.truncate else n for n, r in zip(prompts, pb_batch.requests)]
+        prefill_tokens = sum(prompts)
+        warm_tokens = sum(KVCache.blocks_for(n + 2) for n in prompts) * BLOCK_SIZE
+        self.allocate_cache(warm_tokens)
+        batch = None
         try:
-            _, batch = self.prefill(batch)
-            if batch is not None:
-                _, batch = self.decode([batch])
+            with PeakTracker(self.device) as tracker:
+                batch = Batch.from_pb(
+                    pb_batch, self.tokenizer, self.cache, self.device, self.grammars, self.limits, max_new_override=2
+                )
+                _, batch = self.prefill(batch)
+                if batch is not None:
+                    _, batch = self.decode([batch])
+        except torch.OutOfMemoryError as exc:
+            raise NotEnoughMemory(prefill_tokens, "out of memory while running it") from exc
         finally:
             if batch is not None:
                 batch.release(self.cache)
-        return capacity
+            self.cache = None
+        tokens = plan_kv_tokens(
+            memory, tracker.peak, self.adapters.pools.budget, self.model.kv_bytes_per_token,
+            max(needed_tokens, warm_tokens), prefill_tokens, self.device,
+        )
+        logger.info(
+            "memory plan: %d MiB free after loading, warm-up of %d prefill tokens peaked at %d MiB, %d MiB reserved for "
+            "adapters: KV cache of %d tokens", memory.free >> 20, prefill_tokens, tracker.peak >> 20,
+            self.adapters.pools.budget >> 20, tokens,
+        )
+        return self.allocate_cache(tokens)
 
     def new_batch(self, pb_batch: generate_pb2.Batch) -> Batch:
-        if self.cache is None:
-            self.allocate_cache(kv_capacity_tokens(self.model, self.device))
+        if self.cache is None:  # no warm-up ran (tests, tools): plan without a measured peak
+            memory = device_memory(self.device)
+            per_token = self.model.kv_bytes_per_token
+            self.allocate_cache(plan_kv_tokens(memory, 0, self.adapters.pools.budget, per_token, BLOCK_SIZE, 0, self.device))
         return Batch.from_pb(pb_batch, self.tokenizer, self.cache, self.device, self.grammars, self.limits)
 
     # ---- steps --------------------------------------------------------------------------------------

@@ -113,7 +113,8 @@ class LoraxService(generate_pb2_grpc.LoraxServiceServicer):
         for batch in self.batches.values():
             batch.release(self.generator.cache)
         self.batches.clear()
-        capacity = await self._run(self.generator.warmup, request.batch)
+        needed = max(request.max_prefill_tokens, request.max_input_length + request.max_new_tokens)
+        capacity = await self._run(self.generator.warmup, request.batch, needed)
         logger.info("KV cache holds %d tokens", capacity)
         return generate_pb2.WarmupResponse(max_supported_total_tokens=capacity)
 
