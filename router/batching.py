@@ -22,6 +22,7 @@ from typing import Protocol
 
 from lorax_server.pb import generate_pb2
 from router.errors import GenerationError, IncompleteGenerationError
+from router.health import Health
 from router.metrics import Metrics
 from router.queue import EndEvent, Entry, PrefillEvent, TokenEvent
 from router.schemas import AlternativeToken, FinishReason, PrefillToken, Token
@@ -203,12 +204,18 @@ class _Running:
 
 class BatchingLoop:
     def __init__(
-        self, client: GenerationClient, scheduler: Scheduler, config: BatchingConfig, metrics: Metrics | None = None
+        self,
+        client: GenerationClient,
+        scheduler: Scheduler,
+        config: BatchingConfig,
+        metrics: Metrics | None = None,
+        health: Health | None = None,
     ) -> None:
         self.client = client
         self.scheduler = scheduler
         self.config = config
         self.metrics = metrics or Metrics()
+        self.health = health  # told every step's outcome, so /health can answer from it
         self.running: _Running | None = None  # read by the batch gauges
         self._wakeup = asyncio.Event()
         self._batch_ids = itertools.count()
@@ -286,10 +293,16 @@ class BatchingLoop:
             self.metrics.inc("batch_inference_failure", method=method)
             if cached is not None and cached.id not in batch_ids:
                 batch_ids = [*batch_ids, cached.id]
+            self._record(succeeded=False)
             await self._fail(running, batch_ids, error)
             return None
         self.metrics.inc("batch_inference_success", method=method)
+        self._record(succeeded=True)
         return result
+
+    def _record(self, succeeded: bool) -> None:
+        if self.health is not None:
+            self.health.step(succeeded)
 
     async def _advance(
         self, running: _Running, generations: list[generate_pb2.Generation], cached: generate_pb2.CachedBatch | None

@@ -26,6 +26,7 @@ from tokenizers import Tokenizer
 from router.app import create_app
 from router.auth import METRICS_ENV, load_api_keys, load_metrics_require_key
 from router.batching import BatchingConfig, BatchingLoop
+from router.health import Health
 from router.infer import Infer
 from router.metrics import Metrics
 from router.model_tokenizer import ModelTokenizer
@@ -196,6 +197,7 @@ async def build_router(args: argparse.Namespace, tokenizer: Tokenizer, client: S
         for p in shard_info.preloaded_adapters
     }
     batching: BatchingLoop
+    health = Health(client.health)
     metrics = Metrics(args.max_input_length, args.max_total_tokens)
     metrics.adapter_tiers(lambda: client.adapter_memory)
     scheduler = Scheduler(
@@ -218,6 +220,7 @@ async def build_router(args: argparse.Namespace, tokenizer: Tokenizer, client: S
             speculate=shard_info.speculate,
         ),
         metrics,
+        health,
     )
     tokenizers = TokenizerPool(tokenizer, args.validation_workers)
     limits = ValidationLimits(
@@ -249,7 +252,7 @@ async def build_router(args: argparse.Namespace, tokenizer: Tokenizer, client: S
         adapter_tiers=lambda: client.adapter_memory,
         api_keys=api_keys, metrics_require_key=metrics_require_key,
     )
-    return Router(create_app(infer, client.health, config, metrics), scheduler, batching, tokenizers, tracer)
+    return Router(create_app(infer, health.check, config, metrics), scheduler, batching, tokenizers, tracer)
 
 
 def request_tracer(otlp_endpoint: str | None) -> RequestTracer | None:

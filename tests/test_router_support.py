@@ -92,6 +92,7 @@ class FakeShard(generate_pb2_grpc.LoraxServiceServicer):
         self.step_delay = step_delay
         self.batches: dict[int, _Batch] = {}
         self.healthy = True
+        self.health_calls = 0
         # adapters
         self.download_delay: dict[str, float] = {}
         self.download_error: dict[str, str] = {}
@@ -118,6 +119,7 @@ class FakeShard(generate_pb2_grpc.LoraxServiceServicer):
         )
 
     async def Health(self, request, context):
+        self.health_calls += 1
         if not self.healthy:
             await context.abort(grpc.StatusCode.INTERNAL, "unhealthy shard")
         return generate_pb2.HealthResponse()
