@@ -19,6 +19,7 @@ from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from lorax_server.adapters.access import credential_digest
 from router.errors import GenerationError
 from router.metrics import Metrics
 from router.queue import AdapterQueues, Entry
@@ -75,6 +76,7 @@ class Scheduler:
         self._clock = clock
         self._metrics = metrics or Metrics()
         self._indices: dict[tuple, int] = {BASE_MODEL_KEY: 0, **(preloaded or {})}
+        self._fixed = frozenset(self._indices)  # base model and preloaded adapters: one index for every caller
         self._adapters: dict[int, Adapter] = {}
         self._pending: deque[Adapter] = deque()
         self._active: deque[Adapter] = deque()
@@ -86,8 +88,15 @@ class Scheduler:
     # ---- requests -------------------------------------------------------------------------------------------------
 
     def adapter_index(self, spec: AdapterSpec) -> int:
-        """The stable index of an adapter key; new keys get the next free one and keep it forever."""
-        return self._indices.setdefault(spec.key, len(self._indices))
+        """The stable index of an adapter key; new keys get the next free one and keep it forever.
+
+        A request with an api_token gets the index of (adapter, digest of the token): its first request makes the
+        shards check that token with the adapter's source (lorax_server/adapters/access.py) before it may share the
+        weights another caller's token fetched, instead of riding on that caller's loaded adapter."""
+        key = spec.key
+        if spec.api_token and key not in self._fixed:
+            key = (key, credential_digest(spec.api_token))
+        return self._indices.setdefault(key, len(self._indices))
 
     def append(self, request: ValidRequest) -> Entry:
         """Queue a request; the first request of an unknown adapter starts its download."""

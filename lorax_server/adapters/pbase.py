@@ -2,26 +2,33 @@
 
 The versioned endpoint is tried first; when it fails (or no version is given) the legacy endpoint answers with a
 model uuid and its best run, which name the weights folder. The resulting path is then fetched like any `s3` id.
+Answers are remembered per (id, digest of the token): a token is proven once, and never kept.
 """
 from __future__ import annotations
 
 import json
 import os
 import urllib.error
+import threading
 import urllib.request
-from functools import lru_cache
+from collections import OrderedDict
 from urllib.parse import quote
 
+from lorax_server.adapters.access import AccessDenied, credential_digest
 from lorax_server.adapters.config import AdapterError
+from lorax_server.adapters.deadline import source_timeout
 
 GATEWAY_ENV = "PREDIBASE_GATEWAY_ENDPOINT"
 DEFAULT_GATEWAY = "https://api.app.predibase.com"
-TIMEOUT_S = 30
+CACHE_SIZE = 256
+
+_resolved: OrderedDict[tuple[str, str, str], str] = OrderedDict()  # (id, token digest, gateway) -> S3 id
+_lock = threading.Lock()
 
 
 def _get_json(url: str, token: str) -> dict:
     request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}", "Accept": "application/json"})
-    with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
+    with urllib.request.urlopen(request, timeout=source_timeout()) as response:
         return json.loads(response.read())
 
 
@@ -33,7 +40,6 @@ def _legacy_path(gateway: str, repo: str, version: str, token: str) -> str:
     return f"{body['uuid']}/{body['bestRunID']}/artifacts/model/model_weights/"
 
 
-@lru_cache(maxsize=256)
 def _resolve(adapter_id: str, token: str, gateway: str) -> str:
     repo, _, version = adapter_id.partition("/")
     if not repo or "/" in version:
@@ -49,7 +55,10 @@ def _resolve(adapter_id: str, token: str, gateway: str) -> str:
             return body["adapterPath"]
         return _legacy_path(gateway, repo, version, token)
     except urllib.error.HTTPError as exc:
-        raise AdapterError(f"pbase adapter '{adapter_id}': the Predibase API answered {exc.code} {exc.reason}") from exc
+        message = f"pbase adapter '{adapter_id}': the Predibase API answered {exc.code} {exc.reason}"
+        if exc.code in (401, 403, 404):
+            raise AccessDenied(message, exc.code) from exc
+        raise AdapterError(message) from exc
     except (urllib.error.URLError, OSError, ValueError, KeyError) as exc:
         raise AdapterError(f"pbase adapter '{adapter_id}' could not be resolved: {type(exc).__name__}: {exc}") from exc
 
@@ -61,4 +70,15 @@ def resolve(adapter_id: str, api_token: str | None) -> str:
         raise AdapterError(
             f"adapter '{adapter_id}' from source 'pbase' needs an API token (request `api_token` or PREDIBASE_API_TOKEN)"
         )
-    return _resolve(adapter_id, token, os.environ.get(GATEWAY_ENV, DEFAULT_GATEWAY).rstrip("/"))
+    gateway = os.environ.get(GATEWAY_ENV, DEFAULT_GATEWAY).rstrip("/")
+    key = (adapter_id, credential_digest(token), gateway)
+    with _lock:
+        if key in _resolved:
+            _resolved.move_to_end(key)
+            return _resolved[key]
+    path = _resolve(adapter_id, token, gateway)
+    with _lock:
+        _resolved[key] = path
+        while len(_resolved) > CACHE_SIZE:
+            _resolved.popitem(last=False)
+    return path

@@ -1,6 +1,9 @@
 """The shard's adapters across three tiers: disk (the weights cache), host memory (a bounded LRU of recently
 used adapters, so re-activating one does not re-read disk) and the device (what the router activated: slots in
-the preallocated pools of `slots.py`). Per batch it only maps requests to slots."""
+the preallocated pools of `slots.py`). Per batch it only maps requests to slots.
+
+Every adapter RPC passes the access ledger (`access.py`) before any tier answers: an adapter fetched with a
+credential is served to another credential only once its source accepts that one too."""
 from __future__ import annotations
 
 import json
@@ -12,9 +15,11 @@ from pathlib import Path
 
 import torch
 
+from lorax_server.adapters.access import AccessLedger
 from lorax_server.adapters.config import AdapterError, read_config
+from lorax_server.adapters.deadline import within_deadline
 from lorax_server.adapters.merge import merge
-from lorax_server.adapters.sources import fetch_adapter
+from lorax_server.adapters.sources import CREDENTIAL_SOURCES, fetch_adapter, prove_access
 from lorax_server.adapters.weights import LoraWeights, load_lora, shard_lora
 from lorax_server.adapters.slots import SlotPools
 from lorax_server.layers.lora import LoraBatch
@@ -85,6 +90,7 @@ class AdapterRegistry:
         self.host_capacity = host_capacity
         self.host: OrderedDict[AdapterKey, LoraWeights] = OrderedDict()  # CPU tier, LRU
         self.disk: dict[Path, int] = {}  # weight bytes of every adapter folder this shard has read
+        self.access = AccessLedger(lambda *args: within_deadline(f"adapter '{args[1]}'", prove_access, *args))
         local = {
             m: (s.stop - s.start if s.split == "in" else s.in_features, s.stop - s.start if s.split == "out" else s.out_features)
             for m, s in self.shapes.items()
@@ -95,12 +101,22 @@ class AdapterRegistry:
     # ---- tiers ------------------------------------------------------------------------------------
     def download(self, key: AdapterKey, api_token: str | None = None, trusted: bool = False) -> list[Path] | None:
         """The local folder of every id of the adapter (network and disk only, no tensor work: safe on any
-        thread); None when the host tier already holds it."""
-        if key in self.host:
-            return None
+        thread); None when the host tier already holds it. Each source call is bounded (deadline.py)."""
         if BASE_MODEL_ID in key.ids:
             raise AdapterError("merged adapters cannot include the base model")
-        return [fetch_adapter(i, key.source, api_token, trusted) for i in key.ids]
+        self._check_access(key, api_token)
+        if key in self.host:
+            return None
+        folders = [
+            within_deadline(f"adapter '{i}'", fetch_adapter, i, key.source, api_token, trusted) for i in key.ids
+        ]
+        for i in key.ids:
+            self.access.record(key.source, i, api_token if key.source in CREDENTIAL_SOURCES else None)
+        return folders
+
+    def _check_access(self, key: AdapterKey, api_token: str | None) -> None:
+        for i in key.ids:
+            self.access.check(key.source, i, api_token)
 
     def _read_one(self, folder: Path, adapter_id: str, scale: float | None = None) -> tuple[LoraWeights, float]:
         config = read_config(folder, adapter_id)
@@ -131,6 +147,7 @@ class AdapterRegistry:
         """The adapter's CPU weights: from the host LRU, else read (and merge) from `folders` (downloaded here
         when not given). Tensor work: run it on the model thread (see server.py)."""
         if key in self.host:
+            self._check_access(key, api_token)
             self.host.move_to_end(key)
             return self.host[key]
         folders = folders or self.download(key, api_token, trusted)

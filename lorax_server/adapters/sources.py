@@ -8,10 +8,13 @@ import os
 from pathlib import Path
 
 from lorax_server.adapters import pbase
+from lorax_server.adapters.access import AccessDenied
 from lorax_server.adapters.config import AdapterError
+from lorax_server.adapters.deadline import source_timeout
 from lorax_server.sources import cache_dir, s3
 
 
+CREDENTIAL_SOURCES = ("hub", "pbase")  # the sources a request's api_token is a credential for
 ADAPTER_PATTERNS = ["adapter_config.json", "*.safetensors", "adapter_model*.bin", "tokenizer*", "*.json"]
 LOCAL_ROOTS_ENV = "LORAX_LOCAL_ADAPTER_ROOTS"
 
@@ -38,14 +41,51 @@ def fetch_local(adapter_id: str, trusted: bool = False) -> Path:
     return path
 
 
+def _hub_token(api_token: str | None) -> str | None:
+    return api_token or os.environ.get("HUGGING_FACE_HUB_TOKEN") or os.environ.get("HF_TOKEN") or None
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def _hub_failure(adapter_id: str, exc: Exception) -> AdapterError:
+    """The hub's 401/403/404 as an AccessDenied; anything else as an AdapterError with the reason."""
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    if status in (401, 403, 404):
+        return AccessDenied(f"adapter '{adapter_id}': the hub answered {status} (no access with this token)", status)
+    return AdapterError(f"adapter '{adapter_id}' could not be fetched from the hub: {type(exc).__name__}: {exc}")
+
+
+def hub_revision(adapter_id: str, api_token: str | None, revision: str | None = None) -> str | None:
+    """The commit `revision` names, asked of the hub with the request's token: the access check every hub fetch
+    starts with. snapshot_download alone would serve a cached copy when the hub refuses the token. None when the
+    hub cannot be reached (the cache then answers, as offline)."""
+    import httpx2  # huggingface_hub's HTTP client
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None)
+    try:
+        return api.model_info(adapter_id, revision=revision, token=_hub_token(api_token), timeout=source_timeout()).sha
+    except HfHubHTTPError as exc:
+        raise _hub_failure(adapter_id, exc) from exc
+    except (httpx2.TransportError, ConnectionError):
+        return None
+
+
 def fetch_hub(adapter_id: str, api_token: str | None, revision: str | None = None) -> Path:
     from huggingface_hub import snapshot_download
 
-    token = api_token or os.environ.get("HUGGING_FACE_HUB_TOKEN") or os.environ.get("HF_TOKEN") or None
+    if not _hub_offline():
+        revision = hub_revision(adapter_id, api_token, revision) or revision
     try:
-        return Path(snapshot_download(adapter_id, revision=revision, cache_dir=cache_dir(), allow_patterns=ADAPTER_PATTERNS, token=token))
+        return Path(snapshot_download(
+            adapter_id, revision=revision, cache_dir=cache_dir(), allow_patterns=ADAPTER_PATTERNS,
+            token=_hub_token(api_token), endpoint=os.environ.get("HF_ENDPOINT") or None, etag_timeout=source_timeout(),
+        ))
     except Exception as exc:  # not found, unauthorized, offline and not cached...
-        raise AdapterError(f"adapter '{adapter_id}' could not be fetched from the hub: {type(exc).__name__}: {exc}") from exc
+        raise _hub_failure(adapter_id, exc) from exc
 
 
 def fetch_s3(adapter_id: str) -> Path:
@@ -67,3 +107,15 @@ def fetch_adapter(adapter_id: str, source: str, api_token: str | None = None, tr
     if source == "pbase":
         return fetch_s3(pbase.resolve(adapter_id, api_token))
     raise AdapterError(f"unknown adapter source '{source}' for adapter '{adapter_id}' (expected hub, s3, local or pbase)")
+
+
+def prove_access(source: str, adapter_id: str, api_token: str | None) -> None:
+    """Ask the source whether `api_token` may read the adapter (a metadata call, no download); raises AccessDenied
+    when it says no. Used for adapters already in a tier (see access.py)."""
+    if source == "hub":
+        if _hub_offline():
+            raise AdapterError(f"adapter '{adapter_id}': access cannot be checked with the hub offline (HF_HUB_OFFLINE)")
+        if hub_revision(adapter_id, api_token) is None:
+            raise AdapterError(f"adapter '{adapter_id}': the hub could not be reached to check access")
+    elif source == "pbase":
+        pbase.resolve(adapter_id, api_token)
