@@ -263,10 +263,11 @@ async def churn(url: str, sizes: Sizes, pool: list[str], failures: Failures) -> 
     return {"e_base": base, "e": adapters, "e_distinct_adapters": len(set(picks))}
 
 
-def launch(model: str, work: Path, dtype: str, *args: str) -> Launcher:
+def launch(model: str, work: Path, dtype: str, device: str, *args: str) -> Launcher:
     """A ready launcher serving `model`, with the shared weights cache and `work/adapters` as local adapter root."""
     extra = ["--dtype", dtype] if dtype != "float32" else []  # float32 is the CPU default (and not a --dtype choice)
-    env = {"HUGGINGFACE_HUB_CACHE": str(cache_dir()), "LORAX_LOCAL_ADAPTER_ROOTS": str(work / "adapters")}
+    env = {"HUGGINGFACE_HUB_CACHE": str(cache_dir()), "LORAX_LOCAL_ADAPTER_ROOTS": str(work / "adapters"),
+           "CUDA_VISIBLE_DEVICES": "0" if device == "cuda" else ""}
     launcher = Launcher(model, work, *extra, *args, env=env)
     try:
         return launcher.wait_ready(timeout=600)
@@ -298,18 +299,23 @@ def run_engine(generator, texts: list[str], adapter_indices: list[int], new_toke
 def matmul_floor(model, requests: int, new_tokens: int) -> float:
     """Tokens/s of decode steps that do nothing but multiply `requests` rows by every base weight."""
     layer = model.layers[0]
-    hidden = torch.randn(requests, model.cfg.hidden_size, dtype=model.dtype)
-    attn = torch.randn(requests, layer.q_size, dtype=model.dtype)
-    inter = torch.randn(requests, layer.inter, dtype=model.dtype)
+    like = dict(dtype=model.dtype, device=model.device)
+    hidden = torch.randn(requests, model.cfg.hidden_size, **like)
+    attn = torch.randn(requests, layer.q_size, **like)
+    inter = torch.randn(requests, layer.inter, **like)
     start = time.perf_counter()
     for _ in range(new_tokens):
         for layer in model.layers:
             layer.qkv(hidden), layer.o(attn), layer.gate_up(hidden), layer.down(inter)
         model.lm_head(hidden)
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()
     return requests * new_tokens / (time.perf_counter() - start)
 
 
-def ceilings(folder: Path, dtype: str, texts: list[str], adapters: list[str], sizes: Sizes, rounds: int) -> dict:
+def ceilings(
+    folder: Path, dtype: str, device: torch.device, texts: list[str], adapters: list[str], sizes: Sizes, rounds: int
+) -> dict:
     """(h), in this process: the shard's engine, the base matmuls alone, and transformers+peft, interleaved rounds."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -318,7 +324,7 @@ def ceilings(folder: Path, dtype: str, texts: list[str], adapters: list[str], si
     from lorax_server.dist import Parallel
     from lorax_server.shard import build_service
 
-    generator = build_service(str(folder), None, "hub", dtype, Parallel(), torch.device("cpu"), "/unused").generator
+    generator = build_service(str(folder), None, "hub", dtype, Parallel(), device, "/unused").generator
     generator.allocate_cache(len(texts) * (48 + sizes.new_tokens) * 2)
     for i, path in enumerate(adapters):
         generator.adapters.load(AdapterKey((path,), "local"), i + 1, trusted=True)
@@ -326,7 +332,7 @@ def ceilings(folder: Path, dtype: str, texts: list[str], adapters: list[str], si
     tok = AutoTokenizer.from_pretrained(folder)
     tok.padding_side = "left"
     tok.pad_token = tok.pad_token or tok.eos_token
-    base = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)).eval()
+    base = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)).eval().to(device)
     peft_model = PeftModel.from_pretrained(base, adapters[0], adapter_name="a0")
     for i, path in enumerate(adapters[1:], start=1):
         peft_model.load_adapter(path, adapter_name=f"a{i}")
@@ -334,7 +340,7 @@ def ceilings(folder: Path, dtype: str, texts: list[str], adapters: list[str], si
     gen_args = dict(max_new_tokens=sizes.new_tokens, min_new_tokens=sizes.new_tokens, do_sample=False)
 
     def peft_mixed() -> float:
-        enc = tok(texts, return_tensors="pt", padding=True)
+        enc = tok(texts, return_tensors="pt", padding=True).to(device)
         start = time.perf_counter()
         peft_model.generate(**enc, adapter_names=names, **gen_args)
         return len(texts) * sizes.new_tokens / (time.perf_counter() - start)
@@ -343,7 +349,7 @@ def ceilings(folder: Path, dtype: str, texts: list[str], adapters: list[str], si
         start = time.perf_counter()
         for text, name in list(zip(texts, names))[: sizes.peft_serial]:
             peft_model.set_adapter(name)
-            peft_model.generate(**tok([text], return_tensors="pt"), **gen_args)
+            peft_model.generate(**tok([text], return_tensors="pt").to(device), **gen_args)
         return sizes.peft_serial * sizes.new_tokens / (time.perf_counter() - start)
 
     runs = {
@@ -368,7 +374,8 @@ def ceilings(folder: Path, dtype: str, texts: list[str], adapters: list[str], si
 def machine() -> dict:
     models = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
               if line.startswith("model name")]
-    return {"cpu": models[0] if models else "unknown", "cores": os.cpu_count()}
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": models[0] if models else "unknown", "cores": os.cpu_count(), "gpu": gpu}
 
 
 def report(numbers: dict, failures: Failures, sizes: Sizes) -> list[dict]:
@@ -420,12 +427,15 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="shrink every scenario (a smoke test)")
     parser.add_argument("--rounds", type=int, help="interleaved rounds of (a)-(d) and (h) (default 3; 1 with --quick)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: the launcher and ceilings on GPU 0")
+    parser.add_argument("--launcher-arg", action="append", default=[], help="an extra launcher flag (repeatable)")
     parser.add_argument("--json", type=Path, help="write every number here")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (adapters, launcher logs)")
     args = parser.parse_args()
     sizes = QUICK if args.quick else Sizes()
     rounds = args.rounds or (1 if args.quick else 3)
-    info = {**machine(), "dtype": args.dtype, "rounds": rounds, "sizes": asdict(sizes)}
+    info = {**machine(), "dtype": args.dtype, "device": args.device, "launcher_args": args.launcher_arg,
+            "rounds": rounds, "sizes": asdict(sizes)}
     print(f"machine: {info['cpu']}, {info['cores']} cores; dtype {args.dtype}; rounds {rounds}", flush=True)
 
     gguf = demo_gguf()
@@ -446,18 +456,18 @@ def main() -> None:
         info.update(mix=[spec.label() for spec in mix_specs], mix_bytes=mix_bytes)
 
         print("(h) in-process ceilings (no launcher running)", flush=True)
-        numbers = ceilings(folder, args.dtype, prompts(sizes.concurrent), qv[: sizes.concurrent], sizes, rounds)
+        numbers = ceilings(folder, args.dtype, torch.device(args.device), prompts(sizes.concurrent), qv[: sizes.concurrent], sizes, rounds)
 
         concurrency = str(max(256, 2 * sizes.wide))
         print("(a)-(d), (f), (g): one launcher", flush=True)
-        launcher = launch(str(gguf), work, args.dtype, "--max-concurrent-requests", concurrency)
+        launcher = launch(str(gguf), work, args.dtype, args.device, *args.launcher_arg, "--max-concurrent-requests", concurrency)
         try:
             numbers.update(asyncio.run(shared_scenarios(launcher.url, sizes, rounds, qv, mix, failures)))
         finally:
             launcher.stop()
 
         print(f"(e) churn: launcher with --max-active-adapters {sizes.churn_active}", flush=True)
-        launcher = launch(str(gguf), work, args.dtype, "--max-concurrent-requests", concurrency,
+        launcher = launch(str(gguf), work, args.dtype, args.device, *args.launcher_arg, "--max-concurrent-requests", concurrency,
                           "--max-active-adapters", str(sizes.churn_active))
         try:
             numbers.update(asyncio.run(churn(launcher.url, sizes, qv[: sizes.churn_adapters], failures)))

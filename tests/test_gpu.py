@@ -1,0 +1,112 @@
+"""The CUDA path: bfloat16 multi-LoRA against transformers + peft, read-backs per decode step, the memory plan, and
+the launcher serving on a GPU. Skipped without CUDA; `scripts/gpu_check.sh` runs them with `pytest -m gpu`.
+
+Tolerance: bfloat16 keeps 8 bits of mantissa, and our fused projections sum in a different order than
+transformers, so prompt logprobs are compared with a mean absolute difference below 0.05 nats (max 0.3).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+
+from lorax_server.adapters.registry import AdapterKey
+from lorax_server.dist import Parallel
+from lorax_server.pb import generate_pb2 as pb
+from lorax_server.shard import build_service
+from tests.e2e import Launcher
+from tests.test_e2e_serving import generate
+from tests.test_shard_exactness import PROMPTS, make_request
+from tests.tiny_models import make_adapter, make_model
+
+pytestmark = pytest.mark.gpu
+CUDA = torch.device("cuda", 0)
+TARGETS = [(8, 16, ["q_proj", "v_proj"]), (16, 32, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])]
+
+
+@pytest.fixture
+def cuda_shard(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORAX_LOCAL_ADAPTER_ROOTS", str(tmp_path))
+    model = make_model("llama", tmp_path / "base")
+    adapters = [make_adapter(model, tmp_path / f"a{i}", i + 1, r, a, t) for i, (r, a, t) in enumerate(TARGETS)]
+    service = build_service(str(tmp_path / "base"), None, "hub", "bfloat16", Parallel(), CUDA, "/unused")
+    for i, folder in enumerate(adapters):
+        service.generator.adapters.load(AdapterKey((str(folder),), "local"), i + 1)
+    return service.generator, tmp_path / "base", adapters
+
+
+def reference_prompt_logprobs(base, adapter, ids: list[int]) -> list[float]:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16).to(CUDA)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, adapter).to(CUDA)
+    with torch.no_grad():
+        logits = model(torch.tensor([ids], device=CUDA)).logits[0].float()
+    logprobs = logits.log_softmax(-1)[:-1].gather(-1, torch.tensor(ids[1:], device=CUDA)[:, None]).squeeze(-1)
+    return logprobs.tolist()
+
+
+def test_bfloat16_mixed_adapters_match_transformers_and_peft(cuda_shard):
+    generator, base, adapters = cuda_shard
+    requests = []
+    for i in range(3):  # base, a q/v rank-8 adapter, an all-projection rank-16 adapter, in one batch
+        request = make_request(generator.tokenizer, i, PROMPTS[i], 4)
+        request.adapter_index, request.prefill_logprobs = i, True
+        requests.append(request)
+    generations, _ = generator.prefill(generator.new_batch(pb.Batch(id=0, requests=requests)))
+    for i, generation in enumerate(generations):
+        ours = list(generation.prefill_tokens.logprobs)[1:]
+        assert math.isnan(generation.prefill_tokens.logprobs[0])
+        expected = reference_prompt_logprobs(base, adapters[i - 1] if i else None, list(requests[i].tokenized_inputs.ids))
+        diffs = [abs(a - b) for a, b in zip(ours, expected)]
+        assert sum(diffs) / len(diffs) < 0.05 and max(diffs) < 0.3, (i, diffs)
+
+
+def test_a_decode_step_synchronises_once(cuda_shard):
+    generator, _, _ = cuda_shard
+    requests = [make_request(generator.tokenizer, i, PROMPTS[i % 3], 8, do_sample=i % 2 == 1, seed=i) for i in range(6)]
+    for i, request in enumerate(requests):
+        request.adapter_index = i % 3
+    _, batch = generator.prefill(generator.new_batch(pb.Batch(id=0, requests=requests)))
+    _, batch = generator.decode([batch])  # first decode: lazy CUDA initialisation happens outside the count
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            generator.decode([batch])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) <= 1, syncs
+
+
+def test_memory_plan_leaves_the_gpu_its_wiggle_room(cuda_shard):
+    from router.startup import warmup_batch
+
+    generator, _, _ = cuda_shard
+    generator.cache = None
+    free_before, _ = torch.cuda.mem_get_info(CUDA)
+    capacity = generator.warmup(warmup_batch(64, 1024, 128), 1024)
+    cache_bytes = generator.cache.tensor.numel() * generator.cache.tensor.element_size()
+    assert capacity >= 1024
+    assert cache_bytes <= free_before * 0.9, "the KV cache stays within MEMORY_WIGGLE_ROOM of what was free"
+    assert torch.cuda.mem_get_info(CUDA)[0] > 0.05 * free_before
+
+
+def test_the_launcher_serves_adapters_on_a_gpu(tmp_path):
+    model = make_model("llama", tmp_path / "base")
+    adapter = make_adapter(model, tmp_path / "adapter", 3, 8, 16, ["q_proj", "v_proj"])
+    launcher = Launcher(str(tmp_path / "base"), tmp_path, "--max-input-length", "32", "--max-total-tokens", "64",
+                        env={"CUDA_VISIBLE_DEVICES": "0"}).wait_ready()
+    try:
+        for params in ({}, {"adapter_id": str(adapter), "adapter_source": "local"}):
+            response = generate(launcher.url, "Hello world", **params)
+            assert response.status_code == 200, response.text
+            assert response.json()["details"]["generated_tokens"] == 8
+        assert "cuda" in launcher.output()
+    finally:
+        assert launcher.stop() == 0, launcher.output()
