@@ -110,3 +110,27 @@ def test_the_launcher_serves_adapters_on_a_gpu(tmp_path):
         assert "cuda" in launcher.output()
     finally:
         assert launcher.stop() == 0, launcher.output()
+
+
+@pytest.mark.parametrize("window", [None, 6])
+def test_flash_prefill_equals_the_masked_path(window, monkeypatch):
+    from lorax_server.layers import attention, flash_prefill
+
+    assert flash_prefill.usable(CUDA), "torch's varlen flash kernel should run on this GPU"
+    lens = torch.tensor([3, 19, 8], device=CUDA)
+    gen = torch.Generator(device=CUDA).manual_seed(0)
+    total, heads, kv_heads, dim = int(lens.sum()), 8, 2, 64
+    q, k, v = (torch.randn(total, h, dim, generator=gen, device=CUDA, dtype=torch.bfloat16) for h in (heads, kv_heads, kv_heads))
+    tables = torch.arange(6, device=CUDA).view(3, 2)  # two 16-token blocks per prompt
+
+    def run() -> torch.Tensor:
+        cache = torch.zeros(2, kv_heads, 6 * 16, dim, device=CUDA, dtype=torch.bfloat16)
+        meta = attention.build_metadata(lens, lens, tables, 16, window, 19, 19)
+        return attention.paged_attention(q, k, v, cache, meta, dim**-0.5), meta
+
+    flash, meta = run()
+    assert meta.cu_seqlens is not None and meta.mask is None, "CUDA prefill builds no dense mask"
+    monkeypatch.setattr(flash_prefill, "usable", lambda device: False)
+    masked, meta = run()
+    assert meta.mask is not None
+    assert (flash.float() - masked.float()).abs().max() < 2e-2

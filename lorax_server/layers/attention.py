@@ -11,9 +11,12 @@ forward and window; tanh soft-capping of the scores (Gemma 2), which SDPA cannot
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
+from lorax_server.layers import flash_prefill
 
 
 @dataclass
@@ -26,9 +29,13 @@ class AttentionMetadata:
     output_index: torch.Tensor  # [T] row of the padded [B*Q] output that holds each flat token
     key_blocks: torch.Tensor  # [B, K/block_size] cache block holding each request's keys (padding -> 0)
     block_size: int
-    mask: torch.Tensor  # [B, 1, Q, K] True where a query may attend to a key
+    mask: torch.Tensor | None  # [B, 1, Q, K] True where a query may attend to a key (None: built when first needed)
     decode_bias: torch.Tensor | None  # [B, 1, K] float32 0 / -inf: the mask as decode attention adds it
     query_positions: torch.Tensor  # [B, Q] absolute position of each request's i-th query (padding -> 0)
+    build_mask: Callable[[], torch.Tensor] | None = None  # the dense mask, for layers that need it after all
+    cu_seqlens: torch.Tensor | None = None  # [B+1] int32 prompt starts: CUDA prefill reads each prompt's own K/V
+    max_query: int = 1
+    sliding_window: int | None = None
     _key_rows: torch.Tensor | None = None
     _windowed: dict = field(default_factory=dict)
 
@@ -44,6 +51,8 @@ class AttentionMetadata:
     def masks(self, window: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(mask, decode_bias) for a layer that sees the shared mask (window None) narrowed to the last `window`
         positions; built once per forward and window. Padded queries keep key 0 (0 > -window)."""
+        if self.mask is None:
+            self.mask = self.build_mask()
         if window is None:
             return self.mask, self.decode_bias
         if window not in self._windowed:
@@ -88,14 +97,24 @@ def build_metadata(
     else:
         positions, slot_mapping = q_pos[q_valid], slots[q_valid]
         output_index = (torch.arange(batch, device=device)[:, None] * max_query + q_range[None, :])[q_valid]
-    k_range = torch.arange(num_blocks * block_size, device=device)
-    mask = (k_range[None, None, :] <= q_pos[:, :, None]) & (k_range[None, None, :] < kv_lens[:, None, None])
-    if sliding_window:
-        mask &= k_range[None, None, :] > q_pos[:, :, None] - sliding_window
-    mask[:, :, 0] |= ~q_valid  # padded queries attend to one key so the softmax stays finite
-    decode_bias = None
+
+    def build_mask() -> torch.Tensor:
+        k_range = torch.arange(num_blocks * block_size, device=device)
+        mask = (k_range[None, None, :] <= q_pos[:, :, None]) & (k_range[None, None, :] < kv_lens[:, None, None])
+        if sliding_window:
+            mask &= k_range[None, None, :] > q_pos[:, :, None] - sliding_window
+        mask[:, :, 0] |= ~q_valid  # padded queries attend to one key so the softmax stays finite
+        return mask.unsqueeze(1)
+
+    mask, decode_bias, cu_seqlens = None, None, None
     if max_query == 1:
-        decode_bias = torch.zeros(mask.shape, dtype=torch.float32, device=device).masked_fill_(~mask, float("-inf"))
+        mask = build_mask()
+        decode_bias = torch.zeros(mask.shape[:1] + mask.shape[2:], dtype=torch.float32, device=device)
+        decode_bias.masked_fill_(~mask[:, 0], float("-inf"))
+    elif flash_prefill.usable(device):  # no dense [B, Q, K] mask: each prompt attends to its own keys
+        cu_seqlens = F.pad(torch.cumsum(query_lens, 0), (1, 0)).to(torch.int32)
+    else:
+        mask = build_mask()
     return AttentionMetadata(
         positions=positions,
         slot_mapping=slot_mapping,
@@ -103,9 +122,13 @@ def build_metadata(
         output_index=output_index,
         key_blocks=block_tables[:, :num_blocks].contiguous(),
         block_size=block_size,
-        mask=mask.unsqueeze(1),
+        mask=mask,
         decode_bias=decode_bias,
         query_positions=q_pos_safe,
+        build_mask=build_mask,
+        cu_seqlens=cu_seqlens,
+        max_query=max_query,
+        sliding_window=sliding_window,
     )
 
 
@@ -162,6 +185,9 @@ def paged_attention(
     kv_heads = k.shape[1]
     new = torch.cat([k, v], dim=1).transpose(0, 1)  # [2 * Hkv, T, D]
     kv_cache.view(2 * kv_heads, -1, k.shape[2]).index_copy_(1, meta.slot_mapping, new)
+    if meta.cu_seqlens is not None and softcap is None and flash_prefill.supports(q.dtype, q.shape[-1]):
+        windows = [w for w in (meta.sliding_window, window) if w]
+        return flash_prefill.attend(q, k, v, meta.cu_seqlens, meta.max_query, scale, min(windows) if windows else None)
     gathered = _gather_blocks(kv_cache, meta)
     keys, values = gathered[:kv_heads], gathered[kv_heads:]
     mask, decode_bias = meta.masks(window)
