@@ -170,6 +170,8 @@ class Generator:
     def _advance(self, batch: Batch, logits: torch.Tensor, prompt_details: dict) -> tuple[list, Batch | None]:
         """Choose tokens from last-position logits, apply stopping criteria, build Generations."""
         constrained = [(i, r.constraint) for i, r in enumerate(batch.requests) if r.constraint is not None]
+        failed = {i: why for i, c in constrained if (why := c.failure()) is not None}  # they end alone, below
+        constrained = [(i, c) for i, c in constrained if i not in failed]
         allowed = None
         if constrained:  # host-side mask work; on a GPU it overlaps the forward still in flight
             rows = upload([i for i, _ in constrained], torch.int64, self.device)
@@ -195,6 +197,11 @@ class Generator:
         alternatives = self._alternatives(batch.requests, all_logprobs)
         generations = []
         for i, r in enumerate(batch.requests):
+            if i in failed:
+                r.finished = True
+                if self.parallel.rank == 0:
+                    generations.append(generate_pb2.Generation(request_id=r.id, error=failed[i]))
+                continue
             token = ids_list[i]
             r.ids.append(token)
             r.generated_ids.append(token)

@@ -31,6 +31,11 @@ class Constraint:
         self._compiled = compiled
         self._matcher: LLMatcher | None = None
 
+    def failure(self) -> str | None:
+        """Why the schema did not compile (waiting for the compilation), or None when it did."""
+        error = self._compiled.exception()
+        return None if error is None else str(error)
+
     @property
     def matcher(self) -> LLMatcher:
         if self._matcher is None:

@@ -21,7 +21,7 @@ from collections.abc import Awaitable
 from typing import Protocol
 
 from lorax_server.pb import generate_pb2
-from router.errors import GenerationError, IncompleteGenerationError
+from router.errors import GenerationError, IncompleteGenerationError, ValidationError
 from router.health import Health
 from router.metrics import Metrics
 from router.queue import EndEvent, Entry, PrefillEvent, TokenEvent
@@ -159,6 +159,9 @@ def _token(tokens: generate_pb2.NextTokens, i: int, with_alternatives: bool) -> 
 def route_generation(entry: Entry, generation: generate_pb2.Generation) -> None:
     """Turn one Generation into the entry's events: prompt details, one event per token, End on the last one."""
     request = entry.request
+    if generation.HasField("error"):  # this request's own input failed on the shard; its batch goes on
+        entry.fail(ValidationError(generation.error))
+        return
     if request.decoder_input_details and generation.HasField("prefill_tokens"):
         entry.send(PrefillEvent(_prefill_tokens(generation.prefill_tokens)))
     tokens = generation.next_tokens

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 
 from router.batching import BatchingConfig, BatchingLoop, assemble_batch, join_min_size, kv_tokens
-from router.errors import GenerationError
+from router.errors import GenerationError, ValidationError
 from router.infer import collect
 from router.scheduler import Scheduler
 from router.shards import ShardedClient
@@ -203,5 +203,21 @@ def test_failed_prefill_fails_its_batch_only():
                 assert isinstance(error, GenerationError)
                 assert error.message == "Request failed during generation: Server error: boom on request 1"
             assert 1 in shard.cleared  # the failed batch is cleared on the shard
+
+    run(scenario())
+
+
+def test_a_request_failing_on_the_shard_fails_alone():
+    config = BatchingConfig(max_batch_prefill_tokens=100, max_batch_total_tokens=4096)
+
+    async def scenario():
+        async with loop_over_fake_shard(config) as (scheduler, shard):
+            good, bad = scheduler.append(make_request(2, 6)), scheduler.append(make_request(2, 6))
+            object.__setattr__(bad.request, "inputs", "BADSCHEMA " + bad.request.inputs)
+            results = await asyncio.gather(collect(good), collect(bad), return_exceptions=True)
+            assert results[0].end.generated_tokens == 6
+            assert isinstance(results[1], ValidationError) and results[1].status_code == 422
+            assert results[1].message == "Input validation error: invalid JSON schema: no"
+            assert shard.filter_calls[0] == (0, [good.id]), "the failed request leaves its batch at once"
 
     run(scenario())

@@ -146,6 +146,10 @@ class FakeShard(generate_pb2_grpc.LoraxServiceServicer):
             if r.finished:
                 continue
             ids = r.pb.tokenized_inputs.ids
+            if "BADSCHEMA" in r.pb.inputs:  # a request whose own input fails on the shard
+                r.finished = True
+                generations.append(generate_pb2.Generation(request_id=rid, error="invalid JSON schema: no"))
+                continue
             tid = token_id(r.pb, len(r.generated))
             r.generated.append(tid)
             g = generate_pb2.Generation(

@@ -114,11 +114,16 @@ def test_mixed_batch_rows_equal_their_solo_runs(generator, tiny_model_dir, tmp_p
     assert together[0] != together[3], "the adapter changes the constrained row too"
 
 
-def test_invalid_schema_fails_the_request_with_the_reason(generator):
-    batch = generator.new_batch(pb.Batch(id=4, requests=[request(generator, 0, 0, {"type": "no-such-type"})]))
-    with pytest.raises(ValueError, match="invalid JSON schema: .*no-such-type"):
-        generator.prefill(batch)
-    batch.release(generator.cache)
+def test_a_schema_that_fails_on_the_shard_fails_only_its_request(generator):
+    good, bad = request(generator, 0, 0, max_new=4), request(generator, 1, 0, {"type": "no-such-type"})
+    generations, batch = generator.prefill(generator.new_batch(pb.Batch(id=4, requests=[good, bad])))
+    by_id = {g.request_id: g for g in generations}
+    assert "invalid JSON schema" in by_id[1].error and "no-such-type" in by_id[1].error
+    assert not by_id[1].next_tokens.ids and len(by_id[0].next_tokens.ids) == 1 and not by_id[0].HasField("error")
+    while batch is not None:  # the good request runs to its end beside the failed one
+        generations, batch = generator.decode([batch])
+        assert [g.request_id for g in generations] == [0]
+    assert generations[0].HasField("generated_text")
 
 
 def test_compiled_schemas_are_cached_least_recently_used_first(generator):

@@ -274,18 +274,20 @@ class NextTokens(_message.Message):
     def __init__(self, ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ..., texts: _Optional[_Iterable[str]] = ..., is_special: _Optional[_Iterable[bool]] = ..., alternative_tokens: _Optional[_Iterable[_Union[AlternativeTokens, _Mapping]]] = ...) -> None: ...
 
 class Generation(_message.Message):
-    __slots__ = ("request_id", "prefill_tokens", "next_tokens", "generated_text", "prefill_tokens_length")
+    __slots__ = ("request_id", "prefill_tokens", "next_tokens", "generated_text", "prefill_tokens_length", "error")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PREFILL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     NEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     GENERATED_TEXT_FIELD_NUMBER: _ClassVar[int]
     PREFILL_TOKENS_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
     request_id: int
     prefill_tokens: NextTokens
     next_tokens: NextTokens
     generated_text: GeneratedText
     prefill_tokens_length: int
-    def __init__(self, request_id: _Optional[int] = ..., prefill_tokens: _Optional[_Union[NextTokens, _Mapping]] = ..., next_tokens: _Optional[_Union[NextTokens, _Mapping]] = ..., generated_text: _Optional[_Union[GeneratedText, _Mapping]] = ..., prefill_tokens_length: _Optional[int] = ...) -> None: ...
+    error: str
+    def __init__(self, request_id: _Optional[int] = ..., prefill_tokens: _Optional[_Union[NextTokens, _Mapping]] = ..., next_tokens: _Optional[_Union[NextTokens, _Mapping]] = ..., generated_text: _Optional[_Union[GeneratedText, _Mapping]] = ..., prefill_tokens_length: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
 
 class FilterBatchRequest(_message.Message):
     __slots__ = ("batch_id", "request_ids")
