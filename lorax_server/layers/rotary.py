@@ -24,7 +24,8 @@ def rope_parameters(config: dict, layer_type: str | None = None) -> dict:
     if layer_type == "sliding_attention":
         theta, scaling = config.get("rope_local_base_freq", theta), {}
     params = {**params, **scaling}
-    params["rope_type"] = params.get("rope_type") or params.get("type") or "default"
+    legacy_type = params.pop("type", None)
+    params["rope_type"] = params.get("rope_type") or legacy_type or "default"
     if params["rope_type"] == "su":
         params["rope_type"] = "longrope"
     params["rope_theta"] = float(params.get("rope_theta") or theta or 10000.0)

@@ -9,7 +9,7 @@ ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 def read_config(cfg: dict) -> DecoderConfig:
     """Qwen2 always has q/k/v biases and slides only when `use_sliding_window` says so, from layer
     `max_window_layers` on; Mistral slides in every layer whenever it has a window."""
-    is_qwen2 = cfg.get("model_type") == "qwen2"
+    is_qwen2 = (cfg.get("architectures") or [""])[0] == "Qwen2ForCausalLM"
     attention_bias = bool(cfg.get("attention_bias", False))
     window = cfg.get("sliding_window") if cfg.get("use_sliding_window", not is_qwen2) else None
     first_sliding = int(cfg.get("max_window_layers", 0)) if is_qwen2 else 0

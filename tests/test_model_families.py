@@ -1,0 +1,214 @@
+"""Qwen3, Granite, Gemma 2 and Gemma 3 (text) on the shared decoder equal transformers (+ peft): logits of a mixed
+prefill and a decode step over the paged cache, greedy tokens of staggered batches, and two adapters in one batch.
+Rotary scaling types equal transformers' own init functions."""
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from peft import PeftModel
+
+from lorax_server.adapters.registry import AdapterKey
+from lorax_server.dist import Parallel
+from lorax_server.kv_cache import BLOCK_SIZE
+from lorax_server.layers.attention import build_metadata
+from lorax_server.layers.rotary import Rotary, inverse_frequencies, rope_parameters
+from lorax_server.models import load_model, read_config
+from lorax_server.shard import build_service
+from tests.test_shard_exactness import PROMPTS, make_request, run_staggered
+from tests.tiny_models import make_adapter, make_tokenizer
+
+SLIDING_FULL = ["sliding_attention", "full_attention"]
+# family -> (config class, model class, settings that make its differences matter in a tiny model)
+FAMILIES = {
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {}),
+    "granite": ("GraniteConfig", "GraniteForCausalLM", dict(
+        embedding_multiplier=3.0, residual_multiplier=0.5, attention_multiplier=0.15, logits_scaling=2.5)),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(
+        sliding_window=4, query_pre_attn_scalar=24, attn_logit_softcapping=1.5, final_logit_softcapping=2.0)),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
+        sliding_window=4, query_pre_attn_scalar=24, layer_types=SLIDING_FULL, final_logit_softcapping=2.0,
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e5},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 50.0}})),
+    # the Llama family's per-layer windows: Qwen2 slides only from layer max_window_layers on
+    "qwen2-sliding": ("Qwen2Config", "Qwen2ForCausalLM", dict(use_sliding_window=True, sliding_window=4, max_window_layers=1)),
+}
+
+
+def make_family_model(family: str, folder, **overrides):
+    """A tiny random model of `family` with its tokenizer in `folder`; norms randomised too, so that (1 + w) and w
+    differ, and matrices scaled up so that greedy choices are decisive."""
+    config_name, model_name, extra = FAMILIES[family]
+    torch.manual_seed(0)
+    tok = make_tokenizer(folder)
+    settings = dict(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=512, tie_word_embeddings=False,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.unk_token_id,
+    )
+    settings.update(extra, **overrides)
+    config = getattr(transformers, config_name)(**settings)
+    model = getattr(transformers, model_name)(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(4.0) if p.dim() > 1 else p.add_(torch.randn_like(p) * 0.3)
+    model.save_pretrained(folder)
+    return model, tok
+
+
+def forward(model, ids: list[list[int]], kv_lens: list[int], cache: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+    """Our logits for every new token of requests that add `ids` and then hold `kv_lens` tokens."""
+    query_lens = torch.tensor([len(i) for i in ids])
+    meta = build_metadata(query_lens, torch.tensor(kv_lens), tables, BLOCK_SIZE, model.cfg.sliding_window,
+                          int(query_lens.max()), max(kv_lens))
+    flat = torch.tensor([t for i in ids for t in i])
+    return model.forward(flat, meta, cache, torch.arange(len(flat)))
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_logits_match_transformers_in_prefill_and_decode(family, tmp_path):
+    reference, tok = make_family_model(family, tmp_path)
+    model = load_model(tmp_path, None, torch.device("cpu"), Parallel())
+    prompts = [tok(p)["input_ids"] for p in ("The quick brown fox jumps over", "Hello world")]
+    cache = torch.zeros(model.cfg.num_layers, 2, model.num_kv_heads, 4 * BLOCK_SIZE, model.cfg.head_dim)
+    tables = torch.tensor([[0, 1], [2, 3]])
+
+    ours = forward(model, prompts, [len(p) for p in prompts], cache, tables).split([len(p) for p in prompts])
+    with torch.no_grad():
+        expected = [reference(torch.tensor([p])).logits[0] for p in prompts]
+    for got, want in zip(ours, expected):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+    nxt = [[int(e[-1].argmax())] for e in expected]
+    ours = forward(model, nxt, [len(p) + 1 for p in prompts], cache, tables)
+    with torch.no_grad():
+        expected = torch.stack([reference(torch.tensor([p + n])).logits[0, -1] for p, n in zip(prompts, nxt)])
+    torch.testing.assert_close(ours, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "granite", "gemma2", "gemma3"])
+def test_greedy_tokens_match_transformers_with_mid_decode_joins(family, tmp_path):
+    reference, tok = make_family_model(family, tmp_path)
+    generator = build_service(str(tmp_path), None, "hub", None, Parallel(), torch.device("cpu"), "/unused").generator
+    generator.allocate_cache(2048)
+    max_new = [12, 6, 9, 10]
+    requests = [make_request(tok, i, p, n) for i, (p, n) in enumerate(zip(PROMPTS, max_new))]
+    ours = run_staggered(generator, requests)
+    for i, (prompt, n) in enumerate(zip(PROMPTS, max_new)):
+        ids = tok(prompt, return_tensors="pt")["input_ids"]
+        expected = reference.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)[0, ids.shape[1]:]
+        assert ours[i] == expected.tolist(), f"{family} request {i}"
+
+
+@pytest.mark.parametrize("family", ["qwen3", "granite", "gemma2", "gemma3"])
+def test_two_adapters_and_the_base_in_one_batch_match_peft(family, tmp_path, monkeypatch):
+    monkeypatch.setenv("LORAX_LOCAL_ADAPTER_ROOTS", str(tmp_path))
+    reference, tok = make_family_model(family, tmp_path / "base")
+    adapters = [
+        make_adapter(reference, tmp_path / "a1", 1, 8, 16, ["q_proj", "k_proj", "v_proj", "o_proj"]),
+        make_adapter(reference, tmp_path / "a2", 2, 4, 8, ["q_proj", "gate_proj", "up_proj", "down_proj"]),
+    ]
+    generator = build_service(str(tmp_path / "base"), None, "hub", None, Parallel(), torch.device("cpu"), "/unused").generator
+    generator.allocate_cache(2048)
+    for index, folder in enumerate(adapters, start=1):
+        generator.adapters.load(AdapterKey((str(folder),), "local"), index)
+    requests = []
+    for j in range(6):  # request j uses adapter j % 3 (0: the base model)
+        requests.append(make_request(tok, j, PROMPTS[j % len(PROMPTS)], 8))
+        requests[-1].adapter_index = j % 3
+    ours = run_staggered(generator, requests, join_after=2)
+
+    peft = PeftModel.from_pretrained(reference, adapters[0], adapter_name="a1")
+    peft.load_adapter(adapters[1], adapter_name="a2")
+    for j, request in enumerate(requests):
+        ids = tok(PROMPTS[j % len(PROMPTS)], return_tensors="pt")["input_ids"]
+        generate = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False)
+        if j % 3:
+            peft.set_adapter(f"a{j % 3}")
+            expected = peft.generate(input_ids=ids, **generate)
+        else:
+            with peft.disable_adapter():
+                expected = peft.generate(input_ids=ids, **generate)
+        assert ours[j] == expected[0, ids.shape[1]:].tolist(), f"{family} request {j} (adapter {j % 3})"
+    assert len({tuple(ours[j]) for j in range(3)}) == 3, "each adapter must change the output"
+
+
+def test_family_configs_read_from_hub_style_config_json():
+    """Checkpoints saved before transformers 5 carry no layer_types / nested rope_parameters: the family rules apply."""
+    base = dict(vocab_size=32, hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
+                head_dim=16, max_position_embeddings=512)
+    gemma2 = read_config({**base, "architectures": ["Gemma2ForCausalLM"], "sliding_window": 8})
+    assert gemma2.layer_windows == (8, None) * 3 and gemma2.sliding_window is None
+    assert (gemma2.attn_softcap, gemma2.final_softcap, gemma2.tie_word_embeddings) == (50.0, 30.0, True)
+    gemma3 = read_config({**base, "architectures": ["Gemma3ForCausalLM"], "sliding_window": 8, "sliding_window_pattern": 3,
+                          "rope_theta": 1e6, "rope_local_base_freq": 1e4, "rope_scaling": {"rope_type": "linear", "factor": 8.0}})
+    assert gemma3.layer_windows == (8, 8, None) * 2
+    assert gemma3.layer_rope == ("sliding_attention", "sliding_attention", "full_attention") * 2
+    full = gemma3.rope["full_attention"]
+    assert (full["rope_type"], full["factor"], full["rope_theta"]) == ("linear", 8.0, 1e6)
+    assert (gemma3.rope["sliding_attention"]["rope_type"], gemma3.rope["sliding_attention"]["rope_theta"]) == ("default", 1e4)
+    qwen2 = read_config({**base, "architectures": ["Qwen2ForCausalLM"], "use_sliding_window": True, "sliding_window": 8,
+                         "max_window_layers": 4})
+    assert qwen2.layer_windows == (None,) * 4 + (8, 8)
+    mistral = read_config({**base, "architectures": ["MistralForCausalLM"], "sliding_window": 8})
+    assert mistral.sliding_window == 8  # one window for every layer: the batch metadata applies it
+    granite = read_config({**base, "architectures": ["GraniteForCausalLM"], "attention_multiplier": 0.5})
+    assert granite.attention_scale == 0.5 and granite.sliding_window is None
+    with pytest.raises(ValueError, match="unsupported architecture 'GPT2LMHeadModel'.*Qwen3ForCausalLM.*Gemma3ForCausalLM"):
+        read_config({**base, "architectures": ["GPT2LMHeadModel"]})
+
+
+ROPES = [  # (rope parameters, sequence lengths to compare at)
+    ({"rope_type": "linear", "factor": 4.0}, [None]),
+    ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+      "original_max_position_embeddings": 64}, [None]),
+    ({"rope_type": "dynamic", "factor": 4.0}, [None, 100, 2000]),
+    ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128}, [None]),
+    ({"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 64, "beta_fast": 16, "beta_slow": 2,
+      "mscale": 1.0, "mscale_all_dim": 0.5, "truncate": False}, [None]),
+    ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128, "attention_factor": 1.3}, [None]),
+    ({"rope_type": "longrope", "original_max_position_embeddings": 128,
+      "short_factor": [1.0 + i / 10 for i in range(8)], "long_factor": [2.0 + i for i in range(8)]}, [None, 100, 200]),
+]
+
+
+def _hf_config(params: dict):
+    return transformers.LlamaConfig(hidden_size=64, num_attention_heads=4, head_dim=16, max_position_embeddings=512,
+                                    rope_parameters={"rope_theta": 5000.0, **params})
+
+
+@pytest.mark.parametrize("params,lengths", ROPES, ids=[f"{p['rope_type']}-{i}" for i, (p, _) in enumerate(ROPES)])
+def test_rope_scaling_equals_transformers_init_functions(params, lengths):
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    config = _hf_config(params)
+    ours = rope_parameters(config.to_dict())
+    for seq_len in lengths:
+        want, want_factor = ROPE_INIT_FUNCTIONS[params["rope_type"]](config, "cpu", seq_len=seq_len)
+        got, got_factor = inverse_frequencies(ours, 16, seq_len)
+        torch.testing.assert_close(got.float(), want, rtol=1e-6, atol=0)
+        assert got_factor == pytest.approx(want_factor, rel=1e-12), seq_len
+    # the layout of checkpoints saved before transformers 5 reads the same
+    legacy = {"rope_theta": 5000.0, "max_position_embeddings": 512,
+              "rope_scaling": {("type" if k == "rope_type" else k): v for k, v in params.items()}}
+    assert rope_parameters(legacy) == ours
+
+
+@pytest.mark.parametrize("params", [ROPES[3][0], ROPES[-1][0]], ids=["yarn", "longrope"])
+def test_rotary_tables_equal_transformers_rotary_embedding(params):
+    """cos/sin with the attention factor folded in; longrope's long factors from the original length on, as in a
+    decode step there."""
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    config = _hf_config(params)
+    rotary = Rotary(rope_parameters(config.to_dict()), 16, 512, torch.device("cpu"), torch.float32)
+    embedding = LlamaRotaryEmbedding(config)
+    x = torch.zeros(1, dtype=torch.float32)
+    short = torch.arange(128)[None]
+    cos, sin = embedding(x, short)
+    torch.testing.assert_close(rotary.cos[:128], cos[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rotary.sin[:128, 8:], sin[0, :, 8:], rtol=1e-5, atol=1e-5)
+    for position in (128, 300, 511):
+        cos, sin = embedding(x, torch.tensor([[position]]))
+        torch.testing.assert_close(rotary.cos[position], cos[0, 0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(rotary.sin[position, 8:], sin[0, 0, 8:], rtol=1e-5, atol=1e-5)
