@@ -212,3 +212,29 @@ def test_rotary_tables_equal_transformers_rotary_embedding(params):
         cos, sin = embedding(x, torch.tensor([[position]]))
         torch.testing.assert_close(rotary.cos[position], cos[0, 0], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(rotary.sin[position, 8:], sin[0, 0, 8:], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.e2e
+def test_gemma2_on_two_shards_matches_transformers_and_peft(tmp_path):
+    """Heads, KV heads, the MLP and the vocabulary split over two gloo ranks; soft-caps and windows per rank."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.e2e import Launcher
+    from tests.test_e2e_serving import expected_tokens, generate
+
+    reference, _ = make_family_model("gemma2", tmp_path / "base")
+    adapter = make_adapter(reference, tmp_path / "adapter", 3, 8, 16, ["q_proj", "v_proj", "o_proj", "down_proj"])
+    launcher = Launcher(str(tmp_path / "base"), tmp_path, "--num-shard", "2", "--max-input-length", "32",
+                        "--max-total-tokens", "64").wait_ready()
+    try:
+        jobs = [("Hello world", None), ("The quick brown fox", adapter), ("What is the capital", None)]
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            responses = list(pool.map(
+                lambda job: generate(launcher.url, job[0], **({"adapter_id": str(job[1]), "adapter_source": "local"}
+                                                              if job[1] else {})), jobs))
+        for (prompt, a), response in zip(jobs, responses):
+            assert response.status_code == 200, response.text
+            tokens = [t["id"] for t in response.json()["details"]["tokens"]]
+            assert tokens == expected_tokens(tmp_path / "base", a, prompt, 8), prompt
+    finally:
+        assert launcher.stop() == 0, launcher.output()
