@@ -76,20 +76,24 @@ class FakeHub:
         file = folder / route
         if not file.is_file():
             return self._json(handler, 404, {"error": "Entry not found"}, body, {"X-Error-Code": "EntryNotFound"})
-        data = file.read_bytes()
-        handler.send_response(200)
-        for name, value in {"Content-Length": str(len(data)), "ETag": f'"{_oid(file)}"', "X-Repo-Commit": SHA,
-                            "Content-Type": "application/octet-stream"}.items():
+        data, start = file.read_bytes(), 0
+        headers = {"ETag": f'"{_oid(file)}"', "X-Repo-Commit": SHA, "Content-Type": "application/octet-stream"}
+        wanted = handler.headers.get("Range", "")
+        if body and wanted.startswith("bytes=") and wanted.endswith("-"):  # a resumed download
+            start = int(wanted[6:-1])
+            headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
+        handler.send_response(206 if start else 200)
+        for name, value in {**headers, "Content-Length": str(len(data) - start)}.items():
             handler.send_header(name, value)
         handler.end_headers()
         if body:
             if f"{repo}/{route}" in self.cut:
-                handler.wfile.write(data[: len(data) // 2])
+                handler.wfile.write(data[start : len(data) // 2])
                 handler.wfile.flush()
                 handler.close_connection = True
                 handler.connection.shutdown(2)
                 return
-            handler.wfile.write(data)
+            handler.wfile.write(data[start:])
 
     @staticmethod
     def _route(path: str) -> tuple[str, str]:
