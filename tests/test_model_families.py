@@ -238,3 +238,8 @@ def test_gemma2_on_two_shards_matches_transformers_and_peft(tmp_path):
             assert tokens == expected_tokens(tmp_path / "base", a, prompt, 8), prompt
     finally:
         assert launcher.stop() == 0, launcher.output()
+
+
+def test_partial_rotary_is_refused_rather_than_rotated_wrongly():
+    with pytest.raises(ValueError, match="partial_rotary_factor"):
+        rope_parameters({"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}})

@@ -1,1 +1,1 @@
-"""Building blocks of the models: rotary embeddings, paged attention, packed linear projections, batched multi-LoRA."""
+"""Building blocks of the models: RMSNorm, rotary embeddings, paged attention, packed linear projections, batched multi-LoRA."""

@@ -29,6 +29,8 @@ def rope_parameters(config: dict, layer_type: str | None = None) -> dict:
     if params["rope_type"] == "su":
         params["rope_type"] = "longrope"
     params["rope_theta"] = float(params.get("rope_theta") or theta or 10000.0)
+    if float(params.get("partial_rotary_factor") or config.get("partial_rotary_factor") or 1.0) != 1.0:
+        raise ValueError("rotary embeddings over part of each head (partial_rotary_factor) are not supported")
     params["max_position_embeddings"] = int(config.get("max_position_embeddings", 4096))
     if params["rope_type"] in _NEEDS_ORIGINAL_LENGTH:
         # a top-level original length (Phi-3) wins, as in transformers
