@@ -1,4 +1,4 @@
-"""Qwen3, Granite, Gemma 2 and Gemma 3 (text) on the shared decoder equal transformers (+ peft): logits of a mixed
+"""Qwen3, Granite, Gemma, Gemma 2 and Gemma 3 (text) on the shared decoder equal transformers (+ peft): logits of a mixed
 prefill and a decode step over the paged cache, greedy tokens of staggered batches, and two adapters in one batch.
 Rotary scaling types equal transformers' own init functions."""
 from __future__ import annotations
@@ -24,6 +24,7 @@ FAMILIES = {
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {}),
     "granite": ("GraniteConfig", "GraniteForCausalLM", dict(
         embedding_multiplier=3.0, residual_multiplier=0.5, attention_multiplier=0.15, logits_scaling=2.5)),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(hidden_act="gelu")),
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(
         sliding_window=4, query_pre_attn_scalar=24, attn_logit_softcapping=1.5, final_logit_softcapping=2.0)),
     "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
@@ -100,7 +101,7 @@ def test_greedy_tokens_match_transformers_with_mid_decode_joins(family, tmp_path
         assert ours[i] == expected.tolist(), f"{family} request {i}"
 
 
-@pytest.mark.parametrize("family", ["qwen3", "granite", "gemma2", "gemma3"])
+@pytest.mark.parametrize("family", ["qwen3", "granite", "gemma", "gemma2", "gemma3"])
 def test_two_adapters_and_the_base_in_one_batch_match_peft(family, tmp_path, monkeypatch):
     monkeypatch.setenv("LORAX_LOCAL_ADAPTER_ROOTS", str(tmp_path))
     reference, tok = make_family_model(family, tmp_path / "base")
@@ -137,6 +138,8 @@ def test_family_configs_read_from_hub_style_config_json():
     """Checkpoints saved before transformers 5 carry no layer_types / nested rope_parameters: the family rules apply."""
     base = dict(vocab_size=32, hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
                 head_dim=16, max_position_embeddings=512)
+    gemma = read_config({**base, "architectures": ["GemmaForCausalLM"], "hidden_act": "gelu"})
+    assert (gemma.activation, gemma.sliding_window, gemma.sandwich_norms) == ("gelu_pytorch_tanh", None, False)
     gemma2 = read_config({**base, "architectures": ["Gemma2ForCausalLM"], "sliding_window": 8})
     assert gemma2.layer_windows == (8, None) * 3 and gemma2.sliding_window is None
     assert (gemma2.attn_softcap, gemma2.final_softcap, gemma2.tie_word_embeddings) == (50.0, 30.0, True)
