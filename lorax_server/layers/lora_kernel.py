@@ -5,8 +5,9 @@ module m of a projection group, `sum_j (x[t] . A_m[layer, row_j]) * B_m[layer, r
 `y[t, out_start[m] : out_start[m] + out_m]`, where row_j runs over `rows[m][s]` up to its first -1.
 
 On the CPU it is a small C++ kernel (`lora_cpu.cpp`), compiled once per machine with torch's extension builder
-and cached (`python -m lorax_server.layers.lora_kernel` builds it ahead of time). Elsewhere (CUDA until a fused
-kernel lands) the same arithmetic runs as gathered batched matmuls in chunks of tokens; tests compare the two.
+and cached (`python -m lorax_server.layers.lora_kernel` builds it ahead of time). On CUDA it is two Triton kernels
+(`lora_triton.py`). Where neither applies (no Triton) the same arithmetic runs as gathered batched matmuls in chunks
+of tokens (`lora_apply_reference`); tests compare all three.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ logger = logging.getLogger(__name__)
 _SOURCE = Path(__file__).with_name("lora_cpu.cpp")
 _REFERENCE_CHUNK = 256  # tokens per gathered chunk: bounds the [chunk, rank, features] copies of the fallback
 _cpu_op = None
+_device_op = None
 
 
 def _schema_source() -> str:
@@ -32,6 +34,18 @@ def _schema_source() -> str:
         + 'int[] out_start, int layer) -> ()");\n'
         + '  m.impl("lora_apply", torch::kCPU, &lora_apply);\n}\n'
     )
+
+
+def device_op():
+    """The op for accelerators: the Triton kernels when Triton imports, else the reference."""
+    global _device_op
+    if _device_op is None:
+        try:
+            from lorax_server.layers.lora_triton import lora_apply_triton as _device_op
+        except ImportError:
+            logger.warning("Triton is not installed: multi-LoRA runs as gathered batched matmuls")
+            _device_op = lora_apply_reference
+    return _device_op
 
 
 def cpu_op():
@@ -80,7 +94,7 @@ def lora_apply(
     if x.device.type == "cpu":
         cpu_op()(y, x.float().contiguous(), token_slot, a, b, rows, out_start, layer)
     else:
-        lora_apply_reference(y, x, token_slot, a, b, rows, out_start, layer)
+        device_op()(y, x, token_slot, a, b, rows, out_start, layer)
 
 
 if __name__ == "__main__":  # build the CPU kernel ahead of time (make install, the Docker image)
