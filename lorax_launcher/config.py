@@ -155,21 +155,10 @@ def token_limits(limit: int, max_input_length: int | None, max_total_tokens: int
 
 
 def check_quantize(quantize: str | None, dtype: str | None) -> None:
-    """Quantization excludes --dtype and needs CUDA kernels."""
+    """--quantize fixes the weights' storage and the activations stay in the device's default dtype, so the two
+    flags exclude each other. Whether the checkpoint suits the value is checked by the shard, which reads it."""
     if quantize and dtype:
         raise ConfigError(f"--dtype ({dtype}) cannot be used with --quantize ({quantize})")
-    if quantize and not cuda_available():
-        raise ConfigError(f"--quantize {quantize} needs a CUDA GPU, and none is available: the CPU build cannot "
-                          "run quantized kernels (leave --quantize unset)")
-
-
-def cuda_available() -> bool:
-    """Whether torch sees a CUDA device (imported lazily: only --quantize needs it)."""
-    try:
-        import torch
-    except ImportError:
-        return False
-    return bool(torch.cuda.is_available())
 
 
 def visible_devices(environ: Mapping[str, str]) -> int | None:

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from lorax_launcher import cli, config
+from lorax_launcher import cli
+from lorax_launcher.commands import shard_command
 from lorax_launcher.config import (ConfigError, LauncherConfig, bindable_host, find_num_shards, model_limit,
                                    split_model_id, token_limits)
 from lorax_launcher.logs import child_line, log_level
@@ -52,9 +53,7 @@ REFUSED = [
 
 
 @pytest.mark.parametrize("args, message", REFUSED, ids=lambda x: " ".join(x) if isinstance(x, list) else "")
-def test_refused_combinations_exit_1_with_one_line(args: list[str], message: str, launched: list,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(config, "cuda_available", lambda: True)
+def test_refused_combinations_exit_1_with_one_line(args: list[str], message: str, launched: list) -> None:
     result = CliRunner().invoke(cli.main, args, env=CLEAN_ENV)
     assert result.exit_code == 1
     lines = result.output.strip().splitlines()
@@ -63,12 +62,13 @@ def test_refused_combinations_exit_1_with_one_line(args: list[str], message: str
     assert not launched, "nothing may be launched after a refused configuration"
 
 
-def test_quantize_is_refused_without_cuda(launched: list, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(config, "cuda_available", lambda: False)
-    result = CliRunner().invoke(cli.main, ["--quantize", "awq"], env=CLEAN_ENV)
-    assert result.exit_code == 1
-    assert "Error: ArgumentValidation: --quantize awq needs a CUDA GPU" in result.output
-    assert not launched
+@pytest.mark.parametrize("value", ["bitsandbytes", "bitsandbytes-nf4", "bitsandbytes-fp4", "gptq", "awq"])
+def test_every_quantize_value_is_launched_without_a_gpu(value: str, launched: list) -> None:
+    """The CPU runs every format (lorax_server.quantization); the shard checks the checkpoint suits it."""
+    result = CliRunner().invoke(cli.main, ["--quantize", value], env=CLEAN_ENV)
+    assert result.exit_code == 0, result.output
+    command = shard_command(launched[0], "/models/m")
+    assert command[command.index("--quantize") + 1] == value
 
 
 def test_too_few_gpus_for_sharding_is_its_own_error(launched: list) -> None:

@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 import pytest
 from click.testing import CliRunner
 
-from lorax_launcher import cli, config
+from lorax_launcher import cli
 from lorax_launcher.commands import (download_command, download_env, router_command, router_env, shard_command,
                                      shard_env)
 from lorax_launcher.config import LauncherConfig
@@ -92,12 +92,6 @@ SEED = [
 HELP_ORDER = [row.flag for row in SEED[:-1]] + ["--env", "--download-only", "--help", "--version"]
 SHORT = {"--port": "-p", "--env": "-e", "--help": "-h", "--version": "-V"}
 ALL_ENV_VARS = [row.envvar for row in SEED] + ["CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES", "LOG_LEVEL"]
-
-
-@pytest.fixture(autouse=True)
-def gpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Pretend CUDA is there, so that --quantize is accepted (its refusal on CPU is tested on its own)."""
-    monkeypatch.setattr(config, "cuda_available", lambda: True)
 
 
 @pytest.fixture
