@@ -157,6 +157,8 @@ def test_family_configs_read_from_hub_style_config_json():
     assert mistral.sliding_window == 8  # one window for every layer: the batch metadata applies it
     granite = read_config({**base, "architectures": ["GraniteForCausalLM"], "attention_multiplier": 0.5})
     assert granite.attention_scale == 0.5 and granite.sliding_window is None
+    with pytest.raises(ValueError, match="unsupported activation 'relu2'"):
+        read_config({**base, "architectures": ["LlamaForCausalLM"], "hidden_act": "relu2"})
     with pytest.raises(ValueError, match="unsupported architecture 'GPT2LMHeadModel'.*Qwen3ForCausalLM.*Gemma3ForCausalLM"):
         read_config({**base, "architectures": ["GPT2LMHeadModel"]})
 

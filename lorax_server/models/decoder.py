@@ -65,8 +65,9 @@ class DecoderConfig:
         layers = cfg["num_hidden_layers"]
         if cfg.get("mlp_bias"):
             raise ValueError("mlp_bias=true checkpoints are not supported")
-        if family.get("activation", "silu") not in ACTIVATIONS:
-            raise ValueError(f"unsupported activation '{family['activation']}' (supported: {', '.join(ACTIVATIONS)})")
+        activation = family.get("activation") or cfg.get("hidden_act") or "silu"
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unsupported activation '{activation}' (supported: {', '.join(ACTIVATIONS)})")
         common = dict(
             vocab_size=cfg["vocab_size"],
             hidden_size=cfg["hidden_size"],
@@ -79,6 +80,7 @@ class DecoderConfig:
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
             raw=cfg,
+            activation=activation,
             rope={"all": rope_parameters(cfg)},
             layer_rope=("all",) * layers,
             layer_windows=(None,) * layers,
