@@ -2,7 +2,8 @@
 (model info, the file tree, file resolve/download), with a bearer token required per private repo.
 
 Point HF_ENDPOINT at `FakeHub.url`. Repos are folders of files; a repo listed in `hang` accepts connections and
-never answers; `cut` names files whose download stops half-way (the connection closes mid-body).
+never answers; `cut` names files whose download stops half-way (the connection closes mid-body). `hub_launcher`
+starts the real launcher with such a hub as its adapter source.
 """
 from __future__ import annotations
 
@@ -10,9 +11,15 @@ import hashlib
 import json
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlparse
+
+from tests.e2e import Launcher
+from tests.tiny_models import make_adapter, make_model
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
 
@@ -117,3 +124,51 @@ class FakeHub:
 
 def _oid(file: Path) -> str:
     return hashlib.sha1(file.read_bytes()).hexdigest()
+
+
+@dataclass
+class HubLauncher:
+    """A real launcher whose hub is a FakeHub holding the repos below."""
+
+    hub: FakeHub
+    launcher: Launcher
+
+
+PRIVATE_TOKEN = "tok-a"  # what the hub accepts for org/private
+CANARY = "hf_canaryQ7ZtVb3KpX9w"  # what it accepts for org/canary: searched for in every log, span and reply
+SOURCE_TIMEOUT_S = 4  # LORAX_ADAPTER_SOURCE_TIMEOUT_S of the launcher: org/hung answers nothing
+
+
+@contextmanager
+def hub_launcher(workdir: Path, *args: str, env: dict | None = None) -> Iterator[HubLauncher]:
+    """A tiny Llama (with a chat template) served by the real launcher, its adapters on a local hub: org/private
+    and org/canary need their tokens, org/public needs none, org/hung never answers."""
+    base = workdir / "base"
+    model = make_model("llama", base)
+    config = json.loads((base / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    (base / "tokenizer_config.json").write_text(json.dumps(config))
+    hub = FakeHub()
+    for seed, (repo, token) in enumerate(
+        [("org/private", PRIVATE_TOKEN), ("org/canary", CANARY), ("org/public", None), ("org/hung", None)]
+    ):
+        hub.add(repo, make_adapter(model, workdir / repo.replace("/", "-"), seed, 8, 16, ["q_proj", "v_proj"]), token)
+    hub.hang.add("org/hung")
+    launcher = Launcher(str(base), workdir, "--max-input-length", "32", "--max-total-tokens", "64",
+                        "--max-batch-prefill-tokens", "64", *args,
+                        env={"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0",
+                             "LORAX_ADAPTER_SOURCE_TIMEOUT_S": str(SOURCE_TIMEOUT_S), **(env or {})})
+    try:
+        launcher.wait_ready()
+        yield HubLauncher(hub, launcher)
+    finally:
+        code = launcher.stop()
+        hub.close()
+    assert code == 0, launcher.output()
+
+
+def full_log(launcher: Launcher) -> str:
+    """Everything the launcher and its children wrote so far."""
+    launcher.log.flush()
+    launcher.log.seek(0)
+    return launcher.log.read()

@@ -11,10 +11,8 @@ import pytest
 from lorax_server.adapters.access import AccessDenied
 from lorax_server.adapters.config import AdapterError
 from lorax_server.adapters.registry import AdapterKey, AdapterRegistry
-from tests.e2e import Launcher
-from tests.fake_hub import FakeHub
+from tests.fake_hub import PRIVATE_TOKEN, FakeHub
 from tests.test_adapter_sources import FakeGateway, registry, s3_client  # noqa: F401 (fixtures)
-from tests.tiny_models import make_adapter, make_model
 
 
 @pytest.fixture()
@@ -121,36 +119,25 @@ def test_pbase_adapter_fetched_with_a_token_needs_a_token_the_gateway_accepts(re
 
 
 @pytest.mark.e2e
-def test_private_adapter_through_the_launcher(tmp_path):
+def test_private_adapter_through_the_launcher(served_from_hub):
     """User A loads a private hub adapter; B without or with a wrong token gets a 424 and no tokens (also when
     streaming); A is still served; a public adapter needs no token."""
-    base = tmp_path / "base"
-    model = make_model("llama", base)
-    hub = FakeHub()
-    hub.add("org/private", make_adapter(model, tmp_path / "private", 3, 8, 16, ["q_proj", "v_proj"]), token="tok-a")
-    hub.add("org/public", make_adapter(model, tmp_path / "public", 4, 8, 16, ["q_proj", "v_proj"]))
-    launcher = Launcher(str(base), tmp_path, "--max-input-length", "32", "--max-total-tokens", "64",
-                        "--max-batch-prefill-tokens", "64", env={"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0"})
+    url = served_from_hub.launcher.url
 
     def generate(adapter: str, token: str | None, path: str = "/generate") -> httpx.Response:
         params = {"max_new_tokens": 4, "adapter_id": adapter, **({"api_token": token} if token else {})}
-        return httpx.post(launcher.url + path, json={"inputs": "Hello there", "parameters": params}, timeout=60)
+        return httpx.post(url + path, json={"inputs": "Hello there", "parameters": params}, timeout=60)
 
-    try:
-        launcher.wait_ready()
-        first = generate("org/private", "tok-a")
-        assert first.status_code == 200, first.text
-        for token in (None, "tok-wrong"):
-            denied = generate("org/private", token)
-            assert denied.status_code == 424, denied.text
-            assert denied.json()["error_type"] == "generation" and "401" in denied.json()["error"]
-            assert "generated_text" not in denied.text
-            stream = generate("org/private", token, "/generate_stream")
-            assert '"error_type":"generation"' in stream.text.replace(" ", "") and '"token"' not in stream.text
-        again = generate("org/private", "tok-a")
-        assert again.status_code == 200 and again.json() == first.json()
-        public = generate("org/public", None)
-        assert public.status_code == 200 and public.json()["generated_text"]
-    finally:
-        assert launcher.stop() == 0, launcher.output()
-        hub.close()
+    first = generate("org/private", PRIVATE_TOKEN)
+    assert first.status_code == 200, first.text
+    for token in (None, "tok-wrong"):
+        denied = generate("org/private", token)
+        assert denied.status_code == 424, denied.text
+        assert denied.json()["error_type"] == "generation" and "401" in denied.json()["error"]
+        assert "generated_text" not in denied.text
+        stream = generate("org/private", token, "/generate_stream")
+        assert '"error_type":"generation"' in stream.text.replace(" ", "") and '"token"' not in stream.text
+    again = generate("org/private", PRIVATE_TOKEN)
+    assert again.status_code == 200 and again.json() == first.json()
+    public = generate("org/public", None)
+    assert public.status_code == 200 and public.json()["generated_text"]
