@@ -1,5 +1,6 @@
-"""Reading model weights: safetensors files (with per-rank slicing for tensor parallelism) and conversion of
-`.bin` and `.gguf` checkpoints into safetensors folders that the shards load."""
+"""Reading model weights: safetensors files (with per-rank slicing for tensor parallelism), linear layers in float
+or quantized (`--quantize`, see lorax_server.quantization), and conversion of `.bin` and `.gguf` checkpoints into
+safetensors folders that the shards load."""
 from __future__ import annotations
 
 import json
@@ -12,6 +13,11 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from lorax_server.layers.linear import Linear
+from lorax_server.layers.quantized import QuantizedLinear
+from lorax_server.quantization.grouped import fuse_rows
+from lorax_server.quantization.schemes import choose_scheme
+
 logger = logging.getLogger(__name__)
 
 
@@ -19,14 +25,18 @@ class Weights:
     """Lazy access to every tensor of a folder's `*.safetensors` files, sliced for this rank on demand.
 
     Each rank reads only its own slice (safetensors' get_slice), so a sharded model never holds the full
-    weights in one process.
+    weights in one process. `quantize` (the --quantize value) is checked against the folder's config.json at
+    once, so a wrong pairing fails before any weight is read.
     """
 
-    def __init__(self, folder: Path, dtype: torch.dtype, device: torch.device, rank: int = 0, world_size: int = 1):
+    def __init__(self, folder: Path, dtype: torch.dtype, device: torch.device, rank: int = 0, world_size: int = 1,
+                 quantize: str | None = None):
         files = sorted(Path(folder).glob("*.safetensors"))
         if not files:
             raise FileNotFoundError(f"no *.safetensors files in {folder}")
         self.dtype, self.device, self.rank, self.world_size = dtype, device, rank, world_size
+        config = Path(folder) / "config.json"
+        self.scheme = choose_scheme(quantize, load_config(folder) if config.exists() else {})
         self._where: dict[str, Path] = {}
         for file in files:
             with safe_open(str(file), framework="pt") as f:
@@ -55,6 +65,36 @@ class Weights:
     def get_cols(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Columns [start, stop) of dim 1 (row-parallel input features)."""
         return self._finish(self._slice(name)[:, start:stop])
+
+    def raw(self, name: str) -> torch.Tensor:
+        """The whole tensor as stored (dtype and device untouched): quantized codes and their statistics."""
+        return self._slice(name)[:]
+
+    def linear_rows(self, parts: list[tuple[str, int, int]]) -> Linear | QuantizedLinear:
+        """A column-parallel linear: output features [start, stop) of each (module prefix, start, stop), stacked
+        in order (q/k/v, gate/up fuse into one matmul)."""
+        return self._linear([(prefix, "rows", start, stop) for prefix, start, stop in parts])
+
+    def linear_cols(self, prefix: str, start: int, stop: int) -> Linear | QuantizedLinear:
+        """A row-parallel linear: input features [start, stop) of the module at `prefix`."""
+        return self._linear([(prefix, "cols", start, stop)])
+
+    def _linear(self, parts: list[tuple[str, str, int, int]]) -> Linear | QuantizedLinear:
+        def dense(prefix: str, axis: str, start: int, stop: int) -> torch.Tensor:
+            return (self.get_rows if axis == "rows" else self.get_cols)(f"{prefix}.weight", start, stop)
+
+        if self.scheme is None:
+            return Linear(torch.cat([dense(*part) for part in parts]))
+        if self.scheme.quantizes_at_load:  # each rank quantizes its own float slice
+            return QuantizedLinear(fuse_rows([self.scheme.quantize(dense(*part)) for part in parts]), self.device)
+        stored = [self.scheme.read(self, prefix) for prefix, *_ in parts]
+        if all(weight is None for weight in stored):  # modules the quantizer skipped stay in float
+            return Linear(torch.cat([dense(*part) for part in parts]))
+        if any(weight is None for weight in stored):
+            raise ValueError(f"{', '.join(p[0] for p in parts)} are fused into one matmul, but only some are quantized")
+        sliced = [w.rows(start, stop) if axis == "rows" else w.cols(start, stop)
+                  for w, (_, axis, start, stop) in zip(stored, parts)]
+        return QuantizedLinear(fuse_rows(sliced), self.device)
 
 
 def load_config(folder: Path) -> dict:

@@ -1,0 +1,141 @@
+"""Which quantization a shard loads with: the `--quantize` value checked against the checkpoint's own
+`quantization_config`, and how each linear's tensors are read into a `GroupedWeight`.
+
+bitsandbytes values quantize a float checkpoint at load, or read a checkpoint transformers saved pre-quantized
+with the same settings; `gptq` and `awq` read pre-quantized checkpoints only. Any other pairing is refused
+before a weight is read, with the flag to use.
+"""
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+import torch
+
+from lorax_server.quantization import bitsandbytes as bnb
+from lorax_server.quantization.gptq import read_awq, read_gptq
+from lorax_server.quantization.grouped import GroupedWeight
+
+BNB_4BIT = {"bitsandbytes-nf4": "nf4", "bitsandbytes-fp4": "fp4"}
+QUANTIZE_VALUES = ("bitsandbytes", "bitsandbytes-nf4", "bitsandbytes-fp4", "gptq", "awq")
+
+
+class TensorSource(Protocol):
+    """What a scheme reads from: the checkpoint's tensors as stored, and float slices of them."""
+
+    def __contains__(self, name: str) -> bool: ...
+
+    def raw(self, name: str) -> torch.Tensor: ...
+
+
+class Scheme:
+    """How one checkpoint's linear weights become `GroupedWeight`s.
+
+    `read` returns the whole weight of the linear at `prefix`, or None where that linear is stored in float
+    (a module the quantizer skipped); `quantize` turns a float slice into codes for schemes that quantize at load.
+    """
+
+    quantizes_at_load = False
+
+    def read(self, source: TensorSource, prefix: str) -> GroupedWeight | None:
+        raise NotImplementedError
+
+    def quantize(self, weight: torch.Tensor) -> GroupedWeight:
+        raise NotImplementedError
+
+
+class QuantizeAtLoad(Scheme):
+    """bitsandbytes quantization of a float checkpoint, per rank slice, as the library does it on load."""
+
+    quantizes_at_load = True
+
+    def __init__(self, quantizer: Callable[[torch.Tensor], GroupedWeight]):
+        self.quantizer = quantizer
+
+    def quantize(self, weight: torch.Tensor) -> GroupedWeight:
+        return self.quantizer(weight)
+
+
+class BitsandbytesCheckpoint(Scheme):
+    """Linear8bitLt / Linear4bit weights saved by transformers."""
+
+    def read(self, source: TensorSource, prefix: str) -> GroupedWeight | None:
+        weight = f"{prefix}.weight"
+        if f"{prefix}.SCB" in source:
+            return bnb.read_int8(source.raw(weight), source.raw(f"{prefix}.SCB"))
+        states = [name for name in (f"{weight}.quant_state.bitsandbytes__{t}" for t in ("nf4", "fp4")) if name in source]
+        if not states:
+            return None
+        parts = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
+        tensors = {part: source.raw(f"{weight}.{part}") for part in parts if f"{weight}.{part}" in source}
+        tensors["weight"] = source.raw(weight)
+        return bnb.read_4bit(tensors, source.raw(states[0]))
+
+
+class GptqCheckpoint(Scheme):
+    """qweight / qzeros / scales / g_idx as AutoGPTQ and GPTQModel write them."""
+
+    def __init__(self, bits: int, group_size: int, zero_offset: int):
+        self.bits, self.group_size, self.zero_offset = bits, group_size, zero_offset
+
+    def read(self, source: TensorSource, prefix: str) -> GroupedWeight | None:
+        if f"{prefix}.qweight" not in source:
+            return None
+        tensors = {p: source.raw(f"{prefix}.{p}") for p in ("qweight", "qzeros", "scales", "g_idx") if f"{prefix}.{p}" in source}
+        return read_gptq(tensors, self.bits, self.group_size, self.zero_offset)
+
+
+class AwqCheckpoint(Scheme):
+    """qweight / qzeros / scales in AutoAWQ's GEMM layout."""
+
+    def __init__(self, bits: int, group_size: int):
+        self.bits, self.group_size = bits, group_size
+
+    def read(self, source: TensorSource, prefix: str) -> GroupedWeight | None:
+        if f"{prefix}.qweight" not in source:
+            return None
+        tensors = {p: source.raw(f"{prefix}.{p}") for p in ("qweight", "qzeros", "scales")}
+        return read_awq(tensors, self.bits, self.group_size)
+
+
+def choose_scheme(quantize: str | None, config: dict) -> Scheme | None:
+    """The scheme for `--quantize` (None: float weights) and the model's config.json; ValueError names the fix."""
+    qc = config.get("quantization_config") or None
+    method = (qc or {}).get("quant_method")
+    if quantize is None:
+        if qc is not None:
+            raise ValueError(f"the checkpoint is quantized ({method}): start it with {_flag_for(qc)}")
+        return None
+    if quantize not in QUANTIZE_VALUES:
+        raise ValueError(f"unknown --quantize value '{quantize}' (expected one of {', '.join(QUANTIZE_VALUES)})")
+    if quantize.startswith("bitsandbytes"):
+        if qc is None:
+            quant_type = BNB_4BIT.get(quantize)
+            return QuantizeAtLoad(bnb.quantize_int8 if quant_type is None else lambda w: bnb.quantize_4bit(w, quant_type))
+        if method == "bitsandbytes" and _flag_for(qc) == f"--quantize {quantize}":
+            return BitsandbytesCheckpoint()
+        raise ValueError(f"--quantize {quantize} does not match the checkpoint's quantization ({method}): use {_flag_for(qc)}")
+    if qc is None or method != quantize:
+        found = "float weights" if qc is None else f"a {method} checkpoint"
+        raise ValueError(f"--quantize {quantize} loads pre-quantized {quantize} checkpoints, and this is {found}")
+    bits, group_size = int(qc.get("bits", 4)), int(qc.get("group_size", 128))
+    if quantize == "gptq":
+        fmt = qc.get("checkpoint_format", "gptq")
+        if fmt not in ("gptq", "gptq_v2"):
+            raise ValueError(f"GPTQ checkpoint_format '{fmt}' is not supported (gptq, gptq_v2)")
+        return GptqCheckpoint(bits, group_size, zero_offset=1 if fmt == "gptq" else 0)
+    version = str(qc.get("version", "gemm")).lower()
+    if version != "gemm" or not qc.get("zero_point", True):
+        raise ValueError(f"AWQ version '{version}' (zero_point={qc.get('zero_point', True)}) is not supported: GEMM with zero points only")
+    return AwqCheckpoint(bits, group_size)
+
+
+def _flag_for(qc: dict) -> str:
+    """The --quantize flag a checkpoint's quantization_config calls for."""
+    method = qc.get("quant_method")
+    if method == "bitsandbytes":
+        if qc.get("load_in_4bit") or qc.get("_load_in_4bit"):
+            return f"--quantize bitsandbytes-{qc.get('bnb_4bit_quant_type', 'fp4')}"
+        return "--quantize bitsandbytes"
+    if method in ("gptq", "awq"):
+        return f"--quantize {method}"
+    return f"a supported --quantize value: '{method}' checkpoints cannot be served"
