@@ -57,28 +57,29 @@ def _hub_failure(adapter_id: str, exc: Exception) -> AdapterError:
     return AdapterError(f"adapter '{adapter_id}' could not be fetched from the hub: {type(exc).__name__}: {exc}")
 
 
-def hub_revision(adapter_id: str, api_token: str | None, revision: str | None = None) -> str | None:
-    """The commit `revision` names, asked of the hub with the request's token: the access check every hub fetch
-    starts with. snapshot_download alone would serve a cached copy when the hub refuses the token. None when the
-    hub cannot be reached (the cache then answers, as offline)."""
+def hub_access(adapter_id: str, api_token: str | None) -> bool:
+    """Ask the hub's model info with the request's token: the access check every hub fetch starts with, since
+    snapshot_download alone would serve a cached copy when the hub refuses the token. Raises AccessDenied when it
+    refuses; False when the hub cannot be reached (a fetch then uses the cache, as offline)."""
     import httpx2  # huggingface_hub's HTTP client
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
     api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None)
     try:
-        return api.model_info(adapter_id, revision=revision, token=_hub_token(api_token), timeout=source_timeout()).sha
+        api.model_info(adapter_id, token=_hub_token(api_token), timeout=source_timeout())
     except HfHubHTTPError as exc:
         raise _hub_failure(adapter_id, exc) from exc
     except (httpx2.TransportError, ConnectionError):
-        return None
+        return False
+    return True
 
 
 def fetch_hub(adapter_id: str, api_token: str | None, revision: str | None = None) -> Path:
     from huggingface_hub import snapshot_download
 
     if not _hub_offline():
-        revision = hub_revision(adapter_id, api_token, revision) or revision
+        hub_access(adapter_id, api_token)
     try:
         return Path(snapshot_download(
             adapter_id, revision=revision, cache_dir=cache_dir(), allow_patterns=ADAPTER_PATTERNS,
@@ -115,7 +116,7 @@ def prove_access(source: str, adapter_id: str, api_token: str | None) -> None:
     if source == "hub":
         if _hub_offline():
             raise AdapterError(f"adapter '{adapter_id}': access cannot be checked with the hub offline (HF_HUB_OFFLINE)")
-        if hub_revision(adapter_id, api_token) is None:
+        if not hub_access(adapter_id, api_token):
             raise AdapterError(f"adapter '{adapter_id}': the hub could not be reached to check access")
     elif source == "pbase":
         pbase.resolve(adapter_id, api_token)
