@@ -134,12 +134,11 @@ class DecoderLayer:
         self.num_heads, self.num_kv_heads, self.head_dim = q1 - q0, k1 - k0, d
         self.q_range, self.kv_range = (q0 * d, q1 * d), (k0 * d, k1 * d)
         self.q_size, self.kv_size = self.num_heads * d, self.num_kv_heads * d
-        qkv = [
-            weights.get_rows(f"{p}.self_attn.q_proj.weight", q0 * d, q1 * d),
-            weights.get_rows(f"{p}.self_attn.k_proj.weight", k0 * d, k1 * d),
-            weights.get_rows(f"{p}.self_attn.v_proj.weight", k0 * d, k1 * d),
-        ]
-        self.qkv = Linear(torch.cat(qkv))
+        self.qkv = weights.linear_rows([
+            (f"{p}.self_attn.q_proj", q0 * d, q1 * d),
+            (f"{p}.self_attn.k_proj", k0 * d, k1 * d),
+            (f"{p}.self_attn.v_proj", k0 * d, k1 * d),
+        ])
         self.qkv_bias = None
         if cfg.qkv_bias:
             self.qkv_bias = torch.cat([
@@ -147,13 +146,12 @@ class DecoderLayer:
                 weights.get_rows(f"{p}.self_attn.k_proj.bias", k0 * d, k1 * d),
                 weights.get_rows(f"{p}.self_attn.v_proj.bias", k0 * d, k1 * d),
             ])
-        self.o = Linear(weights.get_cols(f"{p}.self_attn.o_proj.weight", q0 * d, q1 * d))
+        self.o = weights.linear_cols(f"{p}.self_attn.o_proj", q0 * d, q1 * d)
         self.o_bias = weights.get(f"{p}.self_attn.o_proj.bias") if cfg.o_bias else None
         i0, i1 = parallel.split(cfg.intermediate_size, "intermediate_size")
         self.inter, self.inter_range = i1 - i0, (i0, i1)
-        gate_up = [weights.get_rows(f"{p}.mlp.gate_proj.weight", i0, i1), weights.get_rows(f"{p}.mlp.up_proj.weight", i0, i1)]
-        self.gate_up = Linear(torch.cat(gate_up))
-        self.down = Linear(weights.get_cols(f"{p}.mlp.down_proj.weight", i0, i1))
+        self.gate_up = weights.linear_rows([(f"{p}.mlp.gate_proj", i0, i1), (f"{p}.mlp.up_proj", i0, i1)])
+        self.down = weights.linear_cols(f"{p}.mlp.down_proj", i0, i1)
         self.act = ACTIVATIONS[cfg.activation]
 
         norm = partial(RMSNorm, eps=cfg.rms_norm_eps, unit_offset=cfg.unit_offset_norms)
@@ -177,7 +175,8 @@ class DecoderLayer:
         self.residual_multiplier = cfg.residual_multiplier
 
     def _row_parallel(
-        self, x: torch.Tensor, linear: Linear, bias: torch.Tensor | None, lora: LoraBatch | None, group: str
+        self, x: torch.Tensor, linear: Callable[[torch.Tensor], torch.Tensor], bias: torch.Tensor | None,
+        lora: LoraBatch | None, group: str,
     ) -> torch.Tensor:
         out = linear(x)
         if lora is not None:  # the partial x@A sums over ranks in the same all-reduce as the base output
