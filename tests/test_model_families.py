@@ -32,7 +32,8 @@ FAMILIES = {
         rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e5},
                          "sliding_attention": {"rope_type": "default", "rope_theta": 50.0}})),
     # the Llama family's per-layer windows: Qwen2 slides only from layer max_window_layers on
-    "qwen2-sliding": ("Qwen2Config", "Qwen2ForCausalLM", dict(use_sliding_window=True, sliding_window=4, max_window_layers=1)),
+    "qwen2-sliding": ("Qwen2Config", "Qwen2ForCausalLM", dict(
+        use_sliding_window=True, sliding_window=4, max_window_layers=1)),
 }
 
 
