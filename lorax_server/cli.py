@@ -29,7 +29,7 @@ def main() -> None:
 @click.option("--quantize", type=click.Choice(QUANTIZE), default=None)
 @click.option("--compile", "compile_", is_flag=True, help="Accepted; CUDA graphs are not used by this server.")
 @click.option("--dtype", type=click.Choice(["float16", "bfloat16"]), default=None)
-@click.option("--trust-remote-code", is_flag=True)
+@click.option("--trust-remote-code", is_flag=True, help="Run code shipped with the checkpoint (transformers-backed path only).")
 @click.option("--uds-path", default="/tmp/lorax-server", help="Socket base path; the rank is appended.")
 @click.option("--logger-level", default="INFO")
 @click.option("--json-output", is_flag=True)
@@ -40,8 +40,6 @@ def serve(model_id, adapter_id, revision, sharded, quantize, compile_, dtype, tr
           logger_level, json_output, otlp_endpoint, source, adapter_source) -> None:
     """Load MODEL_ID and serve it over gRPC on unix://UDS_PATH-RANK."""
     logs.setup(logger_level, json_output)
-    if quantize:
-        raise click.UsageError(f"--quantize {quantize} needs GPU kernels this server does not ship")
     if sharded and "WORLD_SIZE" not in os.environ:
         raise click.UsageError("--sharded needs RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT in the environment")
     from lorax_server import dist
@@ -57,7 +55,7 @@ def serve(model_id, adapter_id, revision, sharded, quantize, compile_, dtype, tr
         worker = model_thread(device)  # all tensor work, loading included, on one thread (see server.py)
         service = worker.submit(
             build_service, model_id, revision, source, dtype, parallel, device, uds_path, adapter_id, adapter_source,
-            worker,
+            worker, trust_remote_code, quantize=quantize,
         ).result()
         socket_path = f"{uds_path}-{parallel.rank}"
         if os.path.exists(socket_path):

@@ -25,6 +25,7 @@ from lorax_server.batch import Batch
 from lorax_server.dist import Parallel
 from lorax_server.generation import Generator
 from lorax_server.kv_cache import BLOCK_SIZE, OutOfBlocks
+from lorax_server.models import implementation
 from lorax_server.pb import generate_pb2, generate_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -87,6 +88,7 @@ class LoraxService(generate_pb2_grpc.LoraxServiceServicer):
             speculate=0,
             supports_generation=True,
             requires_block_allocator=False,
+            model_implementation=implementation(model),
         )
 
     @_rpc

@@ -10,7 +10,7 @@ from lorax_server.adapters.registry import AdapterKey, AdapterRegistry
 from lorax_server.cpu_memory import reuse_freed_memory
 from lorax_server.dist import Parallel
 from lorax_server.generation import Generator, eos_token_ids
-from lorax_server.models import load_model
+from lorax_server.models import implementation, load_model
 from lorax_server.server import LoraxService
 from lorax_server.sources import locate_model
 
@@ -20,17 +20,21 @@ logger = logging.getLogger(__name__)
 def build_service(
     model_id: str, revision: str | None, source: str, dtype: str | None, parallel: Parallel, device: torch.device,
     uds_path: str, adapter_id: str = "", adapter_source: str = "hub", worker: ThreadPoolExecutor | None = None,
+    trust_remote_code: bool = False, quantize: str | None = None,
 ) -> LoraxService:
     """A ready service; a static `adapter_id` is loaded at index 0, so it applies to requests naming none.
-    Call it on `worker`, the model thread the service will run its tensor work on."""
+    Call it on `worker`, the model thread the service will run its tensor work on. `trust_remote_code` lets a model
+    on the transformers-backed path (and its tokenizer) run code shipped with the checkpoint."""
     from transformers import AutoTokenizer
 
     if device.type == "cpu":
         reuse_freed_memory()
     folder = locate_model(model_id, revision, source)
     logger.info("loading %s from %s on %s (rank %d/%d)", model_id, folder, device, parallel.rank, parallel.world_size)
-    model = load_model(folder, dtype, device, parallel)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = load_model(folder, dtype, device, parallel, trust_remote_code, quantize)
+    path = implementation(model)
+    logger.info("%s runs on the %s path", model_id, path)
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code and path == "transformers")
     adapters = AdapterRegistry(model, device, model_id=model_id)
     if adapter_id:
         adapters.load(AdapterKey((adapter_id,), adapter_source), 0, trusted=True)

@@ -236,6 +236,7 @@ async def build_router(args: argparse.Namespace, tokenizer: Tokenizer, client: S
         model_id=args.model_id or args.tokenizer_name,
         model_dtype=shard_info.dtype,
         model_device_type=shard_info.device_type,
+        model_implementation=shard_info.model_implementation or None,
         max_concurrent_requests=args.max_concurrent_requests,
         max_best_of=args.max_best_of,
         max_stop_sequences=args.max_stop_sequences,

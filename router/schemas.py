@@ -181,6 +181,7 @@ class Info(BaseModel):
     model_sha: str | None = None
     model_dtype: str
     model_device_type: str
+    model_implementation: str | None = None  # "native" or "transformers": which path the shards serve the model on
     model_pipeline_tag: str | None = None
     max_concurrent_requests: int
     max_best_of: int

@@ -6,9 +6,6 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-# Module name in PEFT checkpoints -> the fused group our model applies it in.
-MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
 
 class AdapterError(ValueError):
     """An adapter that cannot be served; the message says why (it reaches the user as a 4xx)."""
@@ -29,7 +26,15 @@ class LoraConfig:
         return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
 
-def read_config(folder: Path, adapter_id: str) -> LoraConfig:
+def matches(module: str, target: str) -> bool:
+    """PEFT's rule for whether a target names a module (by its path within a layer, as the model names it): equal,
+    or one ends with the other at a dot ("c_proj" names "attn.c_proj" and "mlp.c_proj"; "self_attn.q_proj", "q_proj")."""
+    return module == target or module.endswith("." + target) or target.endswith("." + module)
+
+
+def read_config(folder: Path, adapter_id: str, modules: tuple[str, ...] | None = None) -> LoraConfig:
+    """`modules`: the LoRA modules of the model that will serve it, which its targets are resolved to (None: not
+    known yet, as when the launcher downloads a static adapter before any model is loaded; targets stay as written)."""
     path = Path(folder) / "adapter_config.json"
     if not path.exists():
         raise AdapterError(f"adapter '{adapter_id}' has no adapter_config.json: not a LoRA adapter")
@@ -46,16 +51,18 @@ def read_config(folder: Path, adapter_id: str) -> LoraConfig:
             raise AdapterError(f"adapter '{adapter_id}' uses {unsupported}, which is not supported")
     targets = raw.get("target_modules") or []
     listed = not isinstance(targets, str)
-    if not listed:  # a regex or "all-linear"
-        targets = list(MODULES) if targets == "all-linear" else [m for m in MODULES if m in targets]
-    else:  # names may be dotted paths; PEFT matches their last part
-        targets = [t.rsplit(".", 1)[-1] for t in targets]
-        unsupported = sorted(set(targets) - set(MODULES))
+    if modules is None:
+        targets = list(targets) if listed else []
+    elif not listed:  # a regex or "all-linear"
+        targets = list(modules) if targets == "all-linear" else [m for m in modules if m.rsplit(".", 1)[-1] in targets]
+    else:
+        unsupported = sorted(t for t in targets if not any(matches(m, t) for m in modules))
         if unsupported:
             raise AdapterError(
                 f"adapter '{adapter_id}' targets {', '.join(unsupported)}, which this server cannot apply "
-                f"(supported: {', '.join(MODULES)})"
+                f"(supported: {', '.join(modules)})"
             )
+        targets = [m for m in modules if any(matches(m, t) for t in targets)]
     if not raw.get("r"):
         raise AdapterError(f"adapter '{adapter_id}': adapter_config.json has no rank `r`")
     return LoraConfig(

@@ -119,7 +119,7 @@ class AdapterRegistry:
             self.access.check(key.source, i, api_token)
 
     def _read_one(self, folder: Path, adapter_id: str, scale: float | None = None) -> tuple[LoraWeights, float]:
-        config = read_config(folder, adapter_id)
+        config = read_config(folder, adapter_id, tuple(self.shapes))
         self._check_base(config.base_model_name_or_path, adapter_id)
         weights = load_lora(
             folder, adapter_id, config, config.scale if scale is None else scale, self.shapes, len(self.model.layers)

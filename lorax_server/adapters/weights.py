@@ -16,11 +16,11 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from lorax_server.adapters.config import MODULES, AdapterError, LoraConfig
+from lorax_server.adapters.config import AdapterError, LoraConfig
 
 logger = logging.getLogger(__name__)
 
-KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+_proj)\.lora_([AB])\.weight$")
+KEY = re.compile(r"\.(\d+)\.([\w.]+)\.lora_([AB])\.weight$")  # layer index, the module's path in the layer
 PICKLE_OPT_IN = "ALLOW_PICKLE_ADAPTERS"
 
 
@@ -85,12 +85,14 @@ def load_lora(
     unused = []
     for name, tensor in _read_tensors(folder, adapter_id).items():
         match = KEY.search(name)
-        if not match or match.group(2) not in MODULES:
+        path = match.group(2) if match else ""
+        module = path if path in shapes else next((m for m in shapes if path.endswith("." + m)), None)
+        if module is None:
             if "lora_" in name:
                 raise AdapterError(f"adapter '{adapter_id}' has LoRA weights this server cannot apply ({name})")
             unused.append(name)
             continue
-        layer, module, which = int(match.group(1)), match.group(2), match.group(3)
+        layer, which = int(match.group(1)), match.group(3)
         if layer >= num_layers:
             raise AdapterError(f"adapter '{adapter_id}' has weights for layer {layer}; the base model has {num_layers}")
         found.setdefault((module, which), {})[layer] = tensor
@@ -98,7 +100,7 @@ def load_lora(
         logger.warning("adapter %s: ignoring %d tensors (%s...)", adapter_id, len(unused), unused[0])
 
     modules = {}
-    for module in MODULES:
+    for module in shapes:
         a_layers, b_layers = found.get((module, "A"), {}), found.get((module, "B"), {})
         if not a_layers and not b_layers:
             continue
@@ -120,7 +122,7 @@ def load_lora(
             )
         modules[module] = (a.transpose(1, 2).contiguous(), (b.transpose(1, 2) * scale).contiguous())
     if not modules:
-        raise AdapterError(f"adapter '{adapter_id}' has no LoRA weights for {', '.join(MODULES)}")
+        raise AdapterError(f"adapter '{adapter_id}' has no LoRA weights for {', '.join(shapes)}")
     if config.targets_listed and set(modules) != set(config.target_modules):
         extra, absent = sorted(set(modules) - set(config.target_modules)), sorted(set(config.target_modules) - set(modules))
         raise AdapterError(

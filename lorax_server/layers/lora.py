@@ -7,6 +7,8 @@ of the base model get an exact zero delta.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 
 from lorax_server.adapters.slots import SlotPools
@@ -21,6 +23,16 @@ GROUPS = {
 }
 
 
+def groups_for(modules: Iterable[str]) -> dict[str, tuple[str, ...]]:
+    """The projection groups of a model with these LoRA modules: the fused GROUPS when every module is one of theirs
+    (the native decoder), else each module a group of its own (the transformers-backed path's separate modules)."""
+    modules = tuple(modules)
+    fused = {m for group in GROUPS.values() for m in group}
+    if fused.issuperset(modules):
+        return {g: group for g, group in GROUPS.items() if set(group) <= set(modules)}
+    return {m: (m,) for m in modules}
+
+
 class LoraBatch:
     """Which slot each token of one forward pass uses, and the pools to read (the only per-step LoRA input)."""
 
@@ -30,7 +42,7 @@ class LoraBatch:
         self.token_slots = token_slots
         targeted = set().union(*(pools.targets[s] for s in slots))
         self._groups = {}  # only the modules some token's adapter targets: no kernel call for the rest
-        for group, modules in GROUPS.items():
+        for group, modules in groups_for(out_sizes).items():
             offsets, start = [], 0
             for m in modules:
                 offsets.append(start)

@@ -1,5 +1,6 @@
 """Model registry: config.json `architectures` -> the family module that reads its config (one per family, all
-built on the shared decoder in decoder.py)."""
+built on the shared decoder in decoder.py); any other causal LM transformers knows runs on the transformers-backed
+path (transformers_backed.py)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,7 +9,7 @@ from typing import Callable
 import torch
 
 from lorax_server.dist import Parallel
-from lorax_server.models import gemma, granite, llama, qwen3
+from lorax_server.models import gemma, granite, llama, qwen3, transformers_backed
 from lorax_server.models.decoder import DecoderConfig, DecoderModel
 from lorax_server.weights import Weights, load_config
 
@@ -37,8 +38,22 @@ def read_config(config: dict) -> DecoderConfig:
     return READERS[arch](config)
 
 
-def load_model(folder: Path, dtype: str | None, device: torch.device, parallel: Parallel) -> DecoderModel:
-    """Build the model class named by the folder's config.json and load this rank's weights."""
-    cfg = read_config(load_config(folder))
-    weights = Weights(folder, choose_dtype(dtype, device), device, parallel.rank, parallel.world_size)
-    return DecoderModel(cfg, weights, parallel)
+def load_model(
+    folder: Path, dtype: str | None, device: torch.device, parallel: Parallel, trust_remote_code: bool = False,
+    quantize: str | None = None,
+) -> DecoderModel | transformers_backed.TransformersModel:
+    """Build the model class named by the folder's config.json and load this rank's weights: a native family when
+    there is one, else the transformers-backed path (the only one that runs checkpoint code, and only when trusted)."""
+    config = load_config(folder)
+    arch = (config.get("architectures") or ["<none>"])[0]
+    if arch not in READERS:
+        if quantize:
+            raise ValueError(f"--quantize {quantize} needs a native model family; {arch} runs on the transformers path")
+        return transformers_backed.load(folder, config, choose_dtype(dtype, device), device, parallel, trust_remote_code)
+    weights = Weights(folder, choose_dtype(dtype, device), device, parallel.rank, parallel.world_size, quantize)
+    return DecoderModel(read_config(config), weights, parallel)
+
+
+def implementation(model: DecoderModel | transformers_backed.TransformersModel) -> str:
+    """Which path serves the model: "native" or "transformers" (logged at start-up, reported by Info)."""
+    return "transformers" if isinstance(model, transformers_backed.TransformersModel) else "native"

@@ -58,7 +58,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("requires_padding", "dtype", "device_type", "window_size", "block_size", "speculate", "preloaded_adapters", "supports_generation", "supports_embeddings", "supports_classification", "chunked_prefill", "requires_block_allocator")
+    __slots__ = ("requires_padding", "dtype", "device_type", "window_size", "block_size", "speculate", "preloaded_adapters", "supports_generation", "supports_embeddings", "supports_classification", "chunked_prefill", "requires_block_allocator", "model_implementation")
     REQUIRES_PADDING_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     DEVICE_TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -71,6 +71,7 @@ class InfoResponse(_message.Message):
     SUPPORTS_CLASSIFICATION_FIELD_NUMBER: _ClassVar[int]
     CHUNKED_PREFILL_FIELD_NUMBER: _ClassVar[int]
     REQUIRES_BLOCK_ALLOCATOR_FIELD_NUMBER: _ClassVar[int]
+    MODEL_IMPLEMENTATION_FIELD_NUMBER: _ClassVar[int]
     requires_padding: bool
     dtype: str
     device_type: str
@@ -83,7 +84,8 @@ class InfoResponse(_message.Message):
     supports_classification: bool
     chunked_prefill: bool
     requires_block_allocator: bool
-    def __init__(self, requires_padding: _Optional[bool] = ..., dtype: _Optional[str] = ..., device_type: _Optional[str] = ..., window_size: _Optional[int] = ..., block_size: _Optional[int] = ..., speculate: _Optional[int] = ..., preloaded_adapters: _Optional[_Iterable[_Union[PreloadedAdapter, _Mapping]]] = ..., supports_generation: _Optional[bool] = ..., supports_embeddings: _Optional[bool] = ..., supports_classification: _Optional[bool] = ..., chunked_prefill: _Optional[bool] = ..., requires_block_allocator: _Optional[bool] = ...) -> None: ...
+    model_implementation: str
+    def __init__(self, requires_padding: _Optional[bool] = ..., dtype: _Optional[str] = ..., device_type: _Optional[str] = ..., window_size: _Optional[int] = ..., block_size: _Optional[int] = ..., speculate: _Optional[int] = ..., preloaded_adapters: _Optional[_Iterable[_Union[PreloadedAdapter, _Mapping]]] = ..., supports_generation: _Optional[bool] = ..., supports_embeddings: _Optional[bool] = ..., supports_classification: _Optional[bool] = ..., chunked_prefill: _Optional[bool] = ..., requires_block_allocator: _Optional[bool] = ..., model_implementation: _Optional[str] = ...) -> None: ...
 
 class PreloadedAdapter(_message.Message):
     __slots__ = ("adapter_parameters", "adapter_source", "adapter_index")
