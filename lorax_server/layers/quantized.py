@@ -88,6 +88,8 @@ class QuantizedLinear:
         self.zero = zero.to(device)
         self.perm = None if perm is None else perm.to(device)
         self._kernel = device.type == "cpu"
+        if self._kernel:
+            cpu_op()  # built (or loaded from cache) while the model loads, not on the first request
 
     @property
     def nbytes(self) -> int:
