@@ -16,7 +16,7 @@ from safetensors import safe_open
 from lorax_server.layers.linear import Linear
 from lorax_server.layers.quantized import QuantizedLinear
 from lorax_server.quantization.grouped import fuse_rows
-from lorax_server.quantization.schemes import choose_scheme
+from lorax_server.quantization.schemes import QuantizeAtLoad, choose_scheme
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ class Weights:
 
         if self.scheme is None:
             return Linear(torch.cat([dense(*part) for part in parts]))
-        if self.scheme.quantizes_at_load:  # each rank quantizes its own float slice
+        if isinstance(self.scheme, QuantizeAtLoad):  # each rank quantizes its own float slice
             return QuantizedLinear(fuse_rows([self.scheme.quantize(dense(*part)) for part in parts]), self.device)
         stored = [self.scheme.read(self, prefix) for prefix, *_ in parts]
         if all(weight is None for weight in stored):  # modules the quantizer skipped stay in float

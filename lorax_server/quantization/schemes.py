@@ -20,33 +20,16 @@ QUANTIZE_VALUES = ("bitsandbytes", "bitsandbytes-nf4", "bitsandbytes-fp4", "gptq
 
 
 class TensorSource(Protocol):
-    """What a scheme reads from: the checkpoint's tensors as stored, and float slices of them."""
+    """What a checkpoint reader reads from: the names present and each tensor as stored."""
 
     def __contains__(self, name: str) -> bool: ...
 
     def raw(self, name: str) -> torch.Tensor: ...
 
 
-class Scheme:
-    """How one checkpoint's linear weights become `GroupedWeight`s.
-
-    `read` returns the whole weight of the linear at `prefix`, or None where that linear is stored in float
-    (a module the quantizer skipped); `quantize` turns a float slice into codes for schemes that quantize at load.
-    """
-
-    quantizes_at_load = False
-
-    def read(self, source: TensorSource, prefix: str) -> GroupedWeight | None:
-        raise NotImplementedError
-
-    def quantize(self, weight: torch.Tensor) -> GroupedWeight:
-        raise NotImplementedError
-
-
-class QuantizeAtLoad(Scheme):
-    """bitsandbytes quantization of a float checkpoint, per rank slice, as the library does it on load."""
-
-    quantizes_at_load = True
+class QuantizeAtLoad:
+    """bitsandbytes quantization of a float checkpoint, each rank quantizing its own slice as the library does
+    on load."""
 
     def __init__(self, quantizer: Callable[[torch.Tensor], GroupedWeight]):
         self.quantizer = quantizer
@@ -55,8 +38,9 @@ class QuantizeAtLoad(Scheme):
         return self.quantizer(weight)
 
 
-class BitsandbytesCheckpoint(Scheme):
-    """Linear8bitLt / Linear4bit weights saved by transformers."""
+class BitsandbytesCheckpoint:
+    """Linear8bitLt / Linear4bit weights saved by transformers. Like every checkpoint reader, `read` returns the
+    whole weight of the linear at `prefix`, or None where it is stored in float (a module the quantizer skipped)."""
 
     def read(self, source: TensorSource, prefix: str) -> GroupedWeight | None:
         weight = f"{prefix}.weight"
@@ -71,7 +55,7 @@ class BitsandbytesCheckpoint(Scheme):
         return bnb.read_4bit(tensors, source.raw(states[0]))
 
 
-class GptqCheckpoint(Scheme):
+class GptqCheckpoint:
     """qweight / qzeros / scales / g_idx as AutoGPTQ and GPTQModel write them."""
 
     def __init__(self, bits: int, group_size: int, zero_offset: int):
@@ -84,7 +68,7 @@ class GptqCheckpoint(Scheme):
         return read_gptq(tensors, self.bits, self.group_size, self.zero_offset)
 
 
-class AwqCheckpoint(Scheme):
+class AwqCheckpoint:
     """qweight / qzeros / scales in AutoAWQ's GEMM layout."""
 
     def __init__(self, bits: int, group_size: int):
@@ -97,13 +81,17 @@ class AwqCheckpoint(Scheme):
         return read_awq(tensors, self.bits, self.group_size)
 
 
+CheckpointReader = BitsandbytesCheckpoint | GptqCheckpoint | AwqCheckpoint
+Scheme = QuantizeAtLoad | CheckpointReader
+
+
 def choose_scheme(quantize: str | None, config: dict) -> Scheme | None:
     """The scheme for `--quantize` (None: float weights) and the model's config.json; ValueError names the fix."""
     qc = config.get("quantization_config") or None
     method = (qc or {}).get("quant_method")
     if quantize is None:
         if qc is not None:
-            raise ValueError(f"the checkpoint is quantized ({method}): start it with {_flag_for(qc)}")
+            raise ValueError(f"the checkpoint is quantized ({method}): {_remedy(qc)}")
         return None
     if quantize not in QUANTIZE_VALUES:
         raise ValueError(f"unknown --quantize value '{quantize}' (expected one of {', '.join(QUANTIZE_VALUES)})")
@@ -113,7 +101,7 @@ def choose_scheme(quantize: str | None, config: dict) -> Scheme | None:
             return QuantizeAtLoad(bnb.quantize_int8 if quant_type is None else lambda w: bnb.quantize_4bit(w, quant_type))
         if method == "bitsandbytes" and _flag_for(qc) == f"--quantize {quantize}":
             return BitsandbytesCheckpoint()
-        raise ValueError(f"--quantize {quantize} does not match the checkpoint's quantization ({method}): use {_flag_for(qc)}")
+        raise ValueError(f"--quantize {quantize} does not match the checkpoint's quantization ({method}): {_remedy(qc)}")
     if qc is None or method != quantize:
         found = "float weights" if qc is None else f"a {method} checkpoint"
         raise ValueError(f"--quantize {quantize} loads pre-quantized {quantize} checkpoints, and this is {found}")
@@ -129,13 +117,16 @@ def choose_scheme(quantize: str | None, config: dict) -> Scheme | None:
     return AwqCheckpoint(bits, group_size)
 
 
-def _flag_for(qc: dict) -> str:
-    """The --quantize flag a checkpoint's quantization_config calls for."""
+def _flag_for(qc: dict) -> str | None:
+    """The --quantize flag a checkpoint's quantization_config calls for; None for methods this server cannot load."""
     method = qc.get("quant_method")
     if method == "bitsandbytes":
         if qc.get("load_in_4bit") or qc.get("_load_in_4bit"):
             return f"--quantize bitsandbytes-{qc.get('bnb_4bit_quant_type', 'fp4')}"
         return "--quantize bitsandbytes"
-    if method in ("gptq", "awq"):
-        return f"--quantize {method}"
-    return f"a supported --quantize value: '{method}' checkpoints cannot be served"
+    return f"--quantize {method}" if method in ("gptq", "awq") else None
+
+
+def _remedy(qc: dict) -> str:
+    flag = _flag_for(qc)
+    return f"use {flag}" if flag else "this server cannot load that method"
