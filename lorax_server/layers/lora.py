@@ -52,6 +52,10 @@ class LoraBatch:
                 p = [pools.pools[m] for m, _ in used]
                 self._groups[group] = ([x.a for x in p], [x.b for x in p], [x.rows for x in p], [off for _, off in used])
 
+    def targets(self, group: str) -> bool:
+        """Whether some token's adapter targets the group (else `apply` leaves its output as it is)."""
+        return group in self._groups
+
     def apply(self, group: str, layer: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """y plus every token's own adapter delta for this projection group and layer (y, a fresh matmul output,
         is updated in place)."""

@@ -46,7 +46,7 @@ def _probe(step: Step, module, query, key, value, mask, scaling, kwargs) -> torc
     step.seen.append(LayerAttention(
         getattr(module, "layer_idx", None), key.shape[1], key.shape[-1], value.shape[-1], query.shape[-1],
         getattr(module, "is_causal", True), mask is not None, kwargs.get("s_aux") is not None,
-        kwargs.get("sliding_window") is not None,
+        bool(kwargs.get("sliding_window")),
     ))
     out = F.scaled_dot_product_attention(
         query, key, value, is_causal=True, scale=scaling, enable_gqa=query.shape[1] != key.shape[1]
@@ -73,7 +73,7 @@ def paged_attention_forward(
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [tokens, heads, head_dim]
     out = paged_attention(
         q, k, v, lorax_step.kv_cache[module.layer_idx], lorax_step.meta, scaling or query.shape[-1] ** -0.5,
-        kwargs.get("sliding_window"), kwargs.get("softcap"),
+        kwargs.get("sliding_window") or None, kwargs.get("softcap"),  # some configs say 0 for no window
     )
     return out.view(1, q.shape[0], q.shape[1], q.shape[2]), None
 

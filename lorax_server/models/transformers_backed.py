@@ -125,9 +125,9 @@ def _attention_shape(hf: nn.Module, cls_name: str, num_layers: int, sliding_conf
         )
     if any(not s.causal or s.masked or s.sinks for s in seen):
         raise refuse("its attention is not plain causal attention (bidirectional, mask biases or attention sinks)")
-    shapes = {(s.kv_heads, s.head_dim, s.value_dim, s.query_dim) for s in seen}
-    if len(shapes) > 1 or len(set(shapes.pop()[1:])) > 1:
-        raise refuse("its layers differ in KV heads or head sizes, which one paged KV cache cannot hold")
+    first = seen[0]
+    if any((s.kv_heads, s.head_dim, s.value_dim, s.query_dim) != (first.kv_heads,) + (first.head_dim,) * 3 for s in seen):
+        raise refuse("its layers differ in KV heads or q/k/v head sizes, which one paged KV cache cannot hold")
     if sliding_config and not any(s.sliding for s in seen):
         raise refuse("its config sets a sliding window that its attention calls do not pass on")
     return seen[0]
@@ -142,7 +142,7 @@ class TransformersModel:
         text = hf.config.get_text_config()
         num_layers = text.num_hidden_layers
         self.layers = _decoder_layers(hf, num_layers)
-        sliding = getattr(text, "sliding_window", None) is not None
+        sliding = bool(getattr(text, "sliding_window", None))  # Qwen2-MoE says 0 for none
         with torch.inference_mode():
             attention = _attention_shape(hf, type(hf).__name__, num_layers, sliding)
         self.num_kv_heads = attention.kv_heads
@@ -160,7 +160,7 @@ class TransformersModel:
     def _lora_hook(self, group: str, layer: int):
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
             lora = self.lora
-            if lora is None:
+            if lora is None or not lora.targets(group):
                 return None
             x = args[0].reshape(-1, args[0].shape[-1])
             if x.shape[0] != lora.token_slots.shape[0]:
