@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import logging
+from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import pytest
 import torch
 from peft import PeftModel
@@ -16,6 +18,7 @@ from lorax_server.dist import Parallel
 from lorax_server.models import implementation, load_model
 from lorax_server.pb import generate_pb2 as pb
 from lorax_server.shard import build_service
+from tests.e2e import Launcher
 from tests.test_router_support import FakeShard, router_stack, run
 from tests.test_shard_exactness import PROMPTS, make_request, run_staggered
 from tests.tiny_models import make_adapter, make_tokenizer
@@ -203,3 +206,40 @@ def test_info_names_the_path(tmp_path, monkeypatch):
             return (await stack.http.get("/info")).json()
 
     assert run(scenario())["model_implementation"] == "transformers"
+
+
+@pytest.mark.e2e
+def test_launcher_serves_gpt2_with_adapters(tmp_path):
+    """Through the real launcher: the shard's log names the path, /info reports it, and concurrent base and adapter
+    requests on GPT-2 (Conv1D c_attn) equal transformers + peft."""
+    base = tmp_path / "base"
+    model = make_family("gpt2", base)
+    targets = FAMILIES["gpt2"][2]
+    adapters = [make_adapter(model, tmp_path / f"a{i}", i + 1, 8, 16, t) for i, t in enumerate(targets)]
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(base)
+    jobs = [(index, prompt) for index in (None, 0, 1) for prompt in PROMPTS[:3]]
+    expected = {}
+    for index in (None, 0, 1):
+        answers = expected_tokens(base, None if index is None else adapters[index], tok, [(p, 6) for p in PROMPTS[:3]])
+        expected.update({(index, p): a for p, a in zip(PROMPTS[:3], answers)})
+
+    def ask(job):
+        params = {"max_new_tokens": 6, "details": True, "ignore_eos_token": True}
+        if job[0] is not None:
+            params.update(adapter_id=str(adapters[job[0]]), adapter_source="local")
+        reply = httpx.post(launcher.url + "/generate", json={"inputs": job[1], "parameters": params}, timeout=300)
+        assert reply.status_code == 200, reply.text
+        return [t["id"] for t in reply.json()["details"]["tokens"]]
+
+    launcher = Launcher(str(base), tmp_path, "--max-input-length", "32", "--max-total-tokens", "64").wait_ready()
+    try:
+        assert "runs on the transformers path" in launcher.output()
+        assert httpx.get(launcher.url + "/info").json()["model_implementation"] == "transformers"
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            got = dict(zip(jobs, pool.map(ask, jobs)))
+    finally:
+        launcher.stop()
+    for job in jobs:
+        assert got[job] == expected[job], f"adapter {job[0]}, prompt {job[1]!r}"
