@@ -1,9 +1,20 @@
 """The KV cache: one preallocated tensor for all layers, handed out to requests in fixed-size blocks."""
 from __future__ import annotations
 
+import mmap
+import math
+
 import torch
 
 BLOCK_SIZE = 16
+
+
+def _zero_pages(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Zeros in an anonymous memory map: the kernel supplies zero pages as they are first written, so a host cache
+    sized for the worst case holds only the memory requests have used (torch.zeros would write, and so keep
+    resident, every byte at start-up). The tensor keeps the map alive."""
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    return torch.frombuffer(mmap.mmap(-1, max(nbytes, 1)), dtype=dtype, count=math.prod(shape)).view(shape)
 
 
 class OutOfBlocks(Exception):
@@ -17,7 +28,8 @@ class KVCache:
     matrix: attention then multiplies them in place instead of first copying them into a head-major layout."""
 
     def __init__(self, num_layers: int, num_blocks: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device):
-        self.tensor = torch.zeros(num_layers, 2, kv_heads, num_blocks * BLOCK_SIZE, head_dim, dtype=dtype, device=device)
+        shape = (num_layers, 2, kv_heads, num_blocks * BLOCK_SIZE, head_dim)
+        self.tensor = _zero_pages(shape, dtype) if device.type == "cpu" else torch.zeros(shape, dtype=dtype, device=device)
         self.num_blocks = num_blocks
         self._free = list(range(num_blocks - 1, -1, -1))
 

@@ -83,3 +83,15 @@ def test_warmup_sizes_the_cache_from_what_is_left(tiny_model_dir, monkeypatch):
     monkeypatch.setattr(generation, "device_memory", lambda device: ample)
     assert generator.warmup(batch, 256) == CPU_CACHE_MAX_TOKENS
     assert generator.cache.free_blocks == generator.cache.num_blocks
+
+
+def test_a_host_cache_is_resident_only_where_written():
+    from lorax_server.kv_cache import KVCache
+    from lorax_server.memory import _rss_kib
+
+    before = _rss_kib("VmRSS")
+    cache = KVCache(num_layers=4, num_blocks=4096, kv_heads=4, head_dim=64, dtype=torch.bfloat16, device=CPU)  # 256 MiB
+    assert cache.tensor.dtype == torch.bfloat16 and float(cache.tensor[3, 1, 2, -1].sum()) == 0.0
+    assert (_rss_kib("VmRSS") - before) < 64 << 10
+    cache.tensor[0, 0, 0, :16384] = 1.0  # 2 MiB written
+    assert float(cache.tensor.sum()) == 16384 * 64
