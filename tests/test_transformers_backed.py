@@ -133,6 +133,10 @@ def test_unsupported_models_are_refused_with_the_reason(tmp_path):
     make_family("gpt2", tmp_path / "gpt2")
     with pytest.raises(ValueError, match="GPT2LMHeadModel runs on the transformers-backed path.*--num-shard 1"):
         load_model(tmp_path / "gpt2", None, cpu, Parallel(rank=0, world_size=2))
+    config = json.loads((tmp_path / "gpt2" / "config.json").read_text())
+    (tmp_path / "gpt2" / "config.json").write_text(json.dumps({**config, "sliding_window": 4}))
+    with pytest.raises(ValueError, match="sets a sliding window that its attention calls do not pass on"):
+        load_model(tmp_path / "gpt2", None, cpu, Parallel())  # the probe sees GPT-2's attention ignore it
     unknown = tmp_path / "unknown"
     unknown.mkdir()
     (unknown / "config.json").write_text(json.dumps({"architectures": ["NopeForCausalLM"], "model_type": "nope"}))
