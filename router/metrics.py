@@ -11,6 +11,7 @@ two or three series each, not dozens of buckets.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -37,12 +38,16 @@ def linear_buckets(top: int, count: int = 100) -> list[float]:
 
 
 def adapter_label(spec: AdapterSpec) -> str:
-    """One readable label per adapter: its id, `base` for the base model, `strategy:a+b` for a merge."""
+    """One readable label per adapter: its id, `base` for the base model, `strategy:a+b` for a merge. An adapter
+    requested with a credential (a private one, as far as the router knows) is named by a digest of its label
+    instead, so /metrics and traces, open to scrapers, do not list which private fine-tunes exist; the digest is
+    stable, so its series still add up across restarts."""
     if spec.is_base:
         return "base"
-    if len(spec.ids) == 1:
-        return spec.ids[0]
-    return f"{spec.merge_strategy}:{'+'.join(spec.ids)}"
+    label = spec.ids[0] if len(spec.ids) == 1 else f"{spec.merge_strategy}:{'+'.join(spec.ids)}"
+    if spec.api_token:
+        return "private:" + hashlib.sha256(label.encode()).hexdigest()[:16]
+    return label
 
 
 class Metrics:

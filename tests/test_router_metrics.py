@@ -65,6 +65,9 @@ def test_adapter_labels_are_readable_and_escaped():
     assert adapter_label(AdapterSpec(ids=("__base_model__",))) == "base"
     assert adapter_label(AdapterSpec(ids=("org/lora",))) == "org/lora"
     assert adapter_label(AdapterSpec(ids=("a", "b"), weights=(0.5, 0.5), merge_strategy="ties")) == "ties:a+b"
+    private = adapter_label(AdapterSpec(ids=("acme/secret-lora",), api_token="hf_x"))
+    assert private.startswith("private:") and "secret" not in private
+    assert private == adapter_label(AdapterSpec(ids=("acme/secret-lora",), api_token="hf_other")), "one series per adapter"
     metrics = Metrics()
     weird = 'we"ird\\id\nx'
     metrics.adapter_request(AdapterSpec(ids=(weird,)))
