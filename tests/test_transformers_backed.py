@@ -28,8 +28,10 @@ FAMILIES = {  # name -> (config class, extra config, two adapters' target module
     "gpt2": ("GPT2Config", dict(n_inner=128), (["c_attn"], ["c_attn", "c_proj", "c_fc"])),
     "gpt_neox": ("GPTNeoXConfig", dict(intermediate_size=128, rotary_pct=0.5),
                  (["query_key_value"], ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"])),
-    "opt": ("OPTConfig", dict(ffn_dim=128, word_embed_proj_dim=64), (["q_proj", "v_proj"], ["k_proj", "out_proj", "fc1", "fc2"])),
-    "phi": ("PhiConfig", dict(intermediate_size=128, num_key_value_heads=2), (["q_proj", "v_proj", "dense"], ["fc1", "fc2"])),
+    "opt": ("OPTConfig", dict(ffn_dim=128, word_embed_proj_dim=64),
+            (["q_proj", "v_proj"], ["k_proj", "out_proj", "fc1", "fc2"])),
+    "phi": ("PhiConfig", dict(intermediate_size=128, num_key_value_heads=2),
+            (["q_proj", "v_proj", "dense"], ["fc1", "fc2"])),
     "starcoder2": ("Starcoder2Config", dict(intermediate_size=128, num_key_value_heads=2, sliding_window=6),
                    (["q_proj", "o_proj"], ["k_proj", "v_proj", "c_fc", "c_proj"])),
 }
@@ -56,7 +58,8 @@ def make_family(name: str, folder, **overrides):
 
 @torch.no_grad()
 def greedy(model, tokenizer, prompt: str, n: int) -> list[int]:
-    """n greedy tokens, EOS included (the server ignores EOS in these tests; generate's min_new_tokens would mask it)."""
+    """n greedy tokens, EOS included (the server ignores EOS in these tests; generate's min_new_tokens would mask
+    it)."""
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
     start = ids.shape[1]
     for _ in range(n):
@@ -112,7 +115,8 @@ def test_adapter_targets_resolve_to_the_family_modules(tmp_path, monkeypatch):
     ours = load_model(tmp_path / "base", None, torch.device("cpu"), Parallel())
     assert set(ours.lora_shapes()) == {"attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"}
     assert ours.lora_shapes()["attn.c_attn"].out_features == 3 * 64
-    registry = build_service(str(tmp_path / "base"), None, "hub", None, Parallel(), torch.device("cpu"), "/u").generator.adapters
+    service = build_service(str(tmp_path / "base"), None, "hub", None, Parallel(), torch.device("cpu"), "/u")
+    registry = service.generator.adapters
     folder = make_adapter(model, tmp_path / "proj", 1, 4, 8, ["c_proj"])
     assert set(registry.fetch(AdapterKey((str(folder),), "local")).modules) == {"attn.c_proj", "mlp.c_proj"}
     head = make_adapter(model, tmp_path / "head", 1, 4, 8, ["c_proj"])
@@ -127,7 +131,8 @@ def test_unsupported_models_are_refused_with_the_reason(tmp_path):
     bloom = tmp_path / "bloom"
     import transformers
 
-    transformers.BloomForCausalLM(transformers.BloomConfig(hidden_size=32, n_layer=1, n_head=2, vocab_size=64)).save_pretrained(bloom)
+    config = transformers.BloomConfig(hidden_size=32, n_layer=1, n_head=2, vocab_size=64)
+    transformers.BloomForCausalLM(config).save_pretrained(bloom)
     with pytest.raises(ValueError, match="'BloomForCausalLM'.*does not support custom attention backends"):
         load_model(bloom, None, cpu, Parallel())
     make_family("gpt2", tmp_path / "gpt2")
@@ -171,7 +176,8 @@ def test_remote_code_runs_only_with_trust_remote_code(tmp_path, monkeypatch):
     (folder / "modeling_tiny.py").write_text(REMOTE_MODEL)
     config = json.loads((folder / "config.json").read_text())
     config.update(model_type="tiny_remote", architectures=["TinyRemoteForCausalLM"], auto_map={
-        "AutoConfig": "configuration_tiny.TinyRemoteConfig", "AutoModelForCausalLM": "modeling_tiny.TinyRemoteForCausalLM",
+        "AutoConfig": "configuration_tiny.TinyRemoteConfig",
+        "AutoModelForCausalLM": "modeling_tiny.TinyRemoteForCausalLM",
     })
     (folder / "config.json").write_text(json.dumps(config))
     cpu = torch.device("cpu")

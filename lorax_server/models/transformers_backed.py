@@ -15,7 +15,6 @@ runs on one shard (no tensor parallelism).
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,8 +26,6 @@ from lorax_server.dist import Parallel
 from lorax_server.layers.attention import AttentionMetadata
 from lorax_server.layers.lora import LoraBatch, groups_for
 from lorax_server.layers.transformers_attention import LayerAttention, Step, register
-
-logger = logging.getLogger(__name__)
 
 CAUSAL_LM = "AutoModelForCausalLM"
 
@@ -126,7 +123,8 @@ def _attention_shape(hf: nn.Module, cls_name: str, num_layers: int, sliding_conf
     if any(not s.causal or s.masked or s.sinks for s in seen):
         raise refuse("its attention is not plain causal attention (bidirectional, mask biases or attention sinks)")
     first = seen[0]
-    if any((s.kv_heads, s.head_dim, s.value_dim, s.query_dim) != (first.kv_heads,) + (first.head_dim,) * 3 for s in seen):
+    same = (first.kv_heads,) + (first.head_dim,) * 3
+    if any((s.kv_heads, s.head_dim, s.value_dim, s.query_dim) != same for s in seen):
         raise refuse("its layers differ in KV heads or q/k/v head sizes, which one paged KV cache cannot hold")
     if sliding_config and not any(s.sliding for s in seen):
         raise refuse("its config sets a sliding window that its attention calls do not pass on")
@@ -190,7 +188,8 @@ class TransformersModel:
         logit_rows: torch.Tensor,
         lora: LoraBatch | None = None,
     ) -> torch.Tensor:
-        """Logits [len(logit_rows), vocab] (float32) for the selected flat tokens; K/V of every token go to the cache."""
+        """Logits [len(logit_rows), vocab] (float32) for the selected flat tokens; every token's K/V goes to the
+        cache."""
         self.lora = lora
         try:
             out = self.hf(
