@@ -253,7 +253,8 @@ BNB_NF4 = {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant
     ("bitsandbytes-fp4", {"quantization_config": BNB_NF4}, "does not match .* use --quantize bitsandbytes-nf4"),
     ("bitsandbytes", {"quantization_config": {"quant_method": "awq"}}, "use --quantize awq"),
     ("awq", {"quantization_config": {"quant_method": "awq", "version": "gemv"}}, "AWQ version 'gemv'"),
-    ("gptq", {"quantization_config": {"quant_method": "gptq", "checkpoint_format": "marlin"}}, "checkpoint_format 'marlin'"),
+    ("gptq", {"quantization_config": {"quant_method": "gptq", "checkpoint_format": "marlin"}},
+     "checkpoint_format 'marlin'"),
     ("int4", {}, "unknown --quantize value 'int4'"),
 ])
 def test_unsuitable_pairings_are_refused_before_loading(quantize, config, message):

@@ -130,7 +130,8 @@ void tiles(int64_t tokens, const float* x, int64_t ldx, const float* buffer, int
 // x [M, K] float32; codes, scale, zero in the block layout above (zero may be empty); N output features.
 at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& table,
                         const at::Tensor& scale, const at::Tensor& zero, int64_t bits, int64_t group, int64_t N) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.stride(1) == 1, "x: float32 [tokens, in], rows contiguous");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.stride(1) == 1,
+              "x: float32 [tokens, in], rows contiguous");
   TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8");
   const int64_t M = x.size(0), K = x.size(1), blocks = codes.size(0);
   TORCH_CHECK(K % 2 == 0 && group > 0 && K % group == 0, "the group size must divide the input features");

@@ -2,8 +2,8 @@
 
 The weight arrives as a `GroupedWeight` (any checkpoint format) and is kept as codes plus per-group scale and
 zero. On CPU with float32 activations a small C++ kernel (`quant_cpu.cpp`, built once per machine like the LoRA
-kernel) dequantizes a few rows at a time into cache and multiplies them there, so only the packed codes are read
-from memory. Elsewhere (CUDA, other dtypes) the weight is dequantized per call by torch and multiplied by
+kernel) dequantizes a panel of output features at a time into L1 and multiplies them there, so only the packed
+codes are read from memory. Elsewhere (CUDA, other dtypes) the weight is dequantized per call by torch and multiplied by
 `F.linear`: correct everywhere, with the memory saving but not the speed of a fused kernel.
 """
 from __future__ import annotations
@@ -113,7 +113,8 @@ class QuantizedLinear:
         if self._kernel and x.dtype == torch.float32:
             if x.stride(-1) != 1:
                 x = x.contiguous()
-            return cpu_op()(x, self.codes, self.table, self.scale, self.zero, self.bits, self.group_size, self.out_features)
+            op = cpu_op()
+            return op(x, self.codes, self.table, self.scale, self.zero, self.bits, self.group_size, self.out_features)
         return F.linear(x, self.dequantize(x.dtype))
 
 

@@ -77,8 +77,9 @@ class GroupedWeight:
         """(perm, weight) with every group a contiguous run of `group_size` columns, as a kernel reads them.
 
         Plain weights come back as they are, with perm None. Otherwise (act-order, an act-order weight cut by
-        tensor parallelism, a last group shorter than the rest) columns are sorted by group and each group padded to `group_size`: column j of
-        the result reads input perm[j], where perm[j] == in_features stands for an input that is always zero.
+        tensor parallelism, a last group shorter than the rest) columns are sorted by group and each group is
+        padded to `group_size`: column j of the result reads input perm[j], where perm[j] == in_features stands
+        for an input that is always zero.
         """
         if self.has_plain_groups() and self.g_idx.numel() % self.group_size == 0:
             return None, self

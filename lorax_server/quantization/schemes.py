@@ -46,7 +46,8 @@ class BitsandbytesCheckpoint:
         weight = f"{prefix}.weight"
         if f"{prefix}.SCB" in source:
             return bnb.read_int8(source.raw(weight), source.raw(f"{prefix}.SCB"))
-        states = [name for name in (f"{weight}.quant_state.bitsandbytes__{t}" for t in ("nf4", "fp4")) if name in source]
+        states = [f"{weight}.quant_state.bitsandbytes__{t}" for t in ("nf4", "fp4")]
+        states = [name for name in states if name in source]
         if not states:
             return None
         parts = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
@@ -64,7 +65,8 @@ class GptqCheckpoint:
     def read(self, source: TensorSource, prefix: str) -> GroupedWeight | None:
         if f"{prefix}.qweight" not in source:
             return None
-        tensors = {p: source.raw(f"{prefix}.{p}") for p in ("qweight", "qzeros", "scales", "g_idx") if f"{prefix}.{p}" in source}
+        names = [f"{prefix}.{part}" for part in ("qweight", "qzeros", "scales", "g_idx")]
+        tensors = {name.rsplit(".", 1)[1]: source.raw(name) for name in names if name in source}
         return read_gptq(tensors, self.bits, self.group_size, self.zero_offset)
 
 
@@ -98,10 +100,14 @@ def choose_scheme(quantize: str | None, config: dict) -> Scheme | None:
     if quantize.startswith("bitsandbytes"):
         if qc is None:
             quant_type = BNB_4BIT.get(quantize)
-            return QuantizeAtLoad(bnb.quantize_int8 if quant_type is None else lambda w: bnb.quantize_4bit(w, quant_type))
+            if quant_type is None:
+                return QuantizeAtLoad(bnb.quantize_int8)
+            return QuantizeAtLoad(lambda weight: bnb.quantize_4bit(weight, quant_type))
         if method == "bitsandbytes" and _flag_for(qc) == f"--quantize {quantize}":
             return BitsandbytesCheckpoint()
-        raise ValueError(f"--quantize {quantize} does not match the checkpoint's quantization ({method}): {_remedy(qc)}")
+        raise ValueError(
+            f"--quantize {quantize} does not match the checkpoint's quantization ({method}): {_remedy(qc)}"
+        )
     if qc is None or method != quantize:
         found = "float weights" if qc is None else f"a {method} checkpoint"
         raise ValueError(f"--quantize {quantize} loads pre-quantized {quantize} checkpoints, and this is {found}")
@@ -113,7 +119,10 @@ def choose_scheme(quantize: str | None, config: dict) -> Scheme | None:
         return GptqCheckpoint(bits, group_size, zero_offset=1 if fmt == "gptq" else 0)
     version = str(qc.get("version", "gemm")).lower()
     if version != "gemm" or not qc.get("zero_point", True):
-        raise ValueError(f"AWQ version '{version}' (zero_point={qc.get('zero_point', True)}) is not supported: GEMM with zero points only")
+        raise ValueError(
+            f"AWQ version '{version}' (zero_point={qc.get('zero_point', True)}) is not supported: "
+            "GEMM with zero points only"
+        )
     return AwqCheckpoint(bits, group_size)
 
 
