@@ -24,6 +24,21 @@ class Parallel:
         part = size // self.world_size
         return self.rank * part, (self.rank + 1) * part
 
+    def split_uneven(self, size: int) -> tuple[int, int]:
+        """This rank's [start, stop) of `size` items in parts that differ by at most one (the first `size % world_size`
+        ranks take one more): for dims whose parts meet only in an all-reduce sum (the MLP's intermediate features),
+        where unequal parts are as exact as equal ones."""
+        part, extra = divmod(size, self.world_size)
+        start = self.rank * part + min(self.rank, extra)
+        return start, start + part + (self.rank < extra)
+
+    def split_padded(self, size: int) -> tuple[int, int]:
+        """This rank's [start, stop) of `size` items padded up to a multiple of the shard count: every rank holds
+        the same number of rows (the all-gather of vocab-parallel logits needs equal parts), and `stop` may pass
+        `size` on the last ranks, whose rows past it are padding."""
+        part = -(-size // self.world_size)
+        return self.rank * part, (self.rank + 1) * part
+
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum `tensor` over the ranks in place (no-op for one shard)."""
         if self.world_size > 1:

@@ -17,10 +17,15 @@ def test_two_shards_match_transformers_and_peft(arch, tmp_path):
     check_two_shards(arch, tmp_path)
 
 
-def check_two_shards(arch: str, tmp_path, *args: str, env: dict | None = None) -> None:
+def test_two_shards_pad_an_odd_vocabulary_and_split_an_odd_intermediate_size(tmp_path):
+    """Vocab 321 (id 320 has no token text) is padded to 2 x 161 rows; 129 intermediate features split 65 + 64."""
+    check_two_shards("llama", tmp_path, vocab_size=321, intermediate_size=129)
+
+
+def check_two_shards(arch: str, tmp_path, *args: str, env: dict | None = None, **sizes: int) -> None:
     # one KV head: each of the two ranks needs it, so it is replicated rather than split
-    model = make_model(arch, tmp_path / "base", num_key_value_heads=1)
-    adapter = make_adapter(model, tmp_path / "adapter", 3, 8, 16, ["q_proj", "v_proj", "o_proj", "down_proj"])
+    model = make_model(arch, tmp_path / "base", num_key_value_heads=1, **sizes)
+    adapter = make_adapter(model, tmp_path / "adapter", 3, 8, 16, ["q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"])
     launcher = Launcher(str(tmp_path / "base"), tmp_path, "--num-shard", "2", "--max-input-length", "32",
                         "--max-total-tokens", "64", *args, env=env).wait_ready()
     try:

@@ -2,8 +2,9 @@
 over the paged KV cache, gated MLP), final norm, LM head; batched multi-LoRA on qkv/o/gate_up/down; tensor-parallel
 across shards. A family is the `DecoderConfig` its module reads from config.json (see llama.py, qwen3.py, ...).
 
-Column-parallel: q/k/v (split by heads) and gate/up (split by intermediate features). Row-parallel with an
-all-reduce: o and down. Vocab-parallel: embedding and lm_head (logits all-gathered).
+Column-parallel: q/k/v (split by heads, which must divide) and gate/up (split by intermediate features, in parts
+that may differ by one). Row-parallel with an all-reduce: o and down. Vocab-parallel: embedding and lm_head, padded
+with zero rows to a multiple of the shard count (logits all-gathered, the padding columns dropped before sampling).
 """
 from __future__ import annotations
 
@@ -148,7 +149,7 @@ class DecoderLayer:
             ])
         self.o = weights.linear_cols(f"{p}.self_attn.o_proj", q0 * d, q1 * d)
         self.o_bias = weights.get(f"{p}.self_attn.o_proj.bias") if cfg.o_bias else None
-        i0, i1 = parallel.split(cfg.intermediate_size, "intermediate_size")
+        i0, i1 = parallel.split_uneven(cfg.intermediate_size)
         self.inter, self.inter_range = i1 - i0, (i0, i1)
         self.gate_up = weights.linear_rows([(f"{p}.mlp.gate_proj", i0, i1), (f"{p}.mlp.up_proj", i0, i1)])
         self.down = weights.linear_cols(f"{p}.mlp.down_proj", i0, i1)
@@ -231,12 +232,12 @@ class DecoderModel:
     def __init__(self, cfg: DecoderConfig, weights: Weights, parallel: Parallel):
         self.cfg, self.parallel = cfg, parallel
         self.dtype, self.device = weights.dtype, weights.device
-        self.vocab_start, self.vocab_stop = parallel.split(cfg.vocab_size, "vocab_size")
-        self.embed = weights.get_rows("model.embed_tokens.weight", self.vocab_start, self.vocab_stop)
+        self.vocab_start, self.vocab_stop = parallel.split_padded(cfg.vocab_size)
+        self.embed = self._vocab_rows(weights, "model.embed_tokens.weight")
         if cfg.tie_word_embeddings or "lm_head.weight" not in weights:
             self.lm_head = Linear(self.embed)
         else:
-            self.lm_head = Linear(weights.get_rows("lm_head.weight", self.vocab_start, self.vocab_stop))
+            self.lm_head = Linear(self._vocab_rows(weights, "lm_head.weight"))
         self.layers = [DecoderLayer(cfg, weights, parallel, i) for i in range(cfg.num_layers)]
         self.norm = RMSNorm(weights.get("model.norm.weight"), cfg.rms_norm_eps, cfg.unit_offset_norms)
         self.rotaries = {
@@ -248,6 +249,12 @@ class DecoderModel:
         if cfg.embedding_multiplier_in_dtype:
             multiplier = torch.tensor(multiplier, dtype=self.dtype, device=self.device)
         self.embed_multiplier = None if cfg.embedding_multiplier == 1.0 else multiplier
+
+    def _vocab_rows(self, weights: Weights, name: str) -> torch.Tensor:
+        """This rank's vocab rows of `name`, zero rows past the vocabulary: ids never select them, and the logits
+        they give are dropped after the gather."""
+        rows = weights.get_rows(name, self.vocab_start, min(self.vocab_stop, self.cfg.vocab_size))
+        return F.pad(rows, (0, 0, 0, self.vocab_stop - self.vocab_start - rows.shape[0]))
 
     def lora_shapes(self) -> dict[str, ModuleShape]:
         """Full sizes of each LoRA-targetable linear and the slice this rank holds."""
@@ -304,5 +311,7 @@ class DecoderModel:
         for i, layer in enumerate(self.layers):
             hidden = layer.forward(hidden, rotary, kv_cache[i], meta, lora)
         hidden = self.norm(hidden[logit_rows])
-        logits = self.lm_head(hidden)
-        return self._finish_logits(self.parallel.all_gather_last_dim(logits))
+        logits = self.parallel.all_gather_last_dim(self.lm_head(hidden))
+        if logits.shape[-1] != self.cfg.vocab_size:
+            logits = logits[:, : self.cfg.vocab_size].contiguous()
+        return self._finish_logits(logits)
