@@ -297,13 +297,12 @@ def bnb_reference(state: dict[str, torch.Tensor], quantize: str) -> dict[str, to
     return out
 
 
-def transformers_prequantized(base: Path, target: Path) -> dict[str, torch.Tensor]:
-    """An NF4 (double-quantized) checkpoint saved by transformers + bitsandbytes, and its weights dequantized by
+def transformers_prequantized(base: Path, target: Path, **settings) -> dict[str, torch.Tensor]:
+    """A checkpoint transformers + bitsandbytes quantize and save with `settings`, and its weights dequantized by
     bitsandbytes."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                bnb_4bit_compute_dtype=torch.float32)
+    config = BitsAndBytesConfig(**settings, bnb_4bit_compute_dtype=torch.float32)
     model = AutoModelForCausalLM.from_pretrained(base, quantization_config=config, device_map="cpu")
     model.save_pretrained(target)
     for file in base.iterdir():  # the tokenizer
@@ -313,6 +312,8 @@ def transformers_prequantized(base: Path, target: Path) -> dict[str, torch.Tenso
     for name, module in model.named_modules():
         if isinstance(module, bnb.nn.Linear4bit):
             out[f"{name}.weight"] = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
+        elif isinstance(module, bnb.nn.Linear8bitLt):
+            out[f"{name}.weight"] = bnb.functional.int8_vectorwise_dequant(module.weight.data, module.weight.SCB)
     return out
 
 
@@ -322,7 +323,8 @@ def checkpoint(kind: str, base: Path, tmp: Path) -> tuple[Path, str, dict[str, t
     if kind in ("bitsandbytes", "bitsandbytes-nf4", "bitsandbytes-fp4"):
         return base, kind, bnb_reference(state, kind)
     if kind == "bitsandbytes-nf4-saved":
-        return target, "bitsandbytes-nf4", transformers_prequantized(base, target)
+        nf4 = dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)
+        return target, "bitsandbytes-nf4", transformers_prequantized(base, target, **nf4)
     if kind == "gptq":
         config = {"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": True, "sym": False}
         return target, "gptq", save_quantized(base, target, config, lambda w: gptq_tensors(w, 4, 32, True))
@@ -403,6 +405,24 @@ def test_quantized_base_with_mixed_adapters_matches_peft(kind, base_and_adapters
             assert ours[request.id][0] == tokens, f"{kind} request {request.id} (adapter {index})"
             torch.testing.assert_close(torch.tensor(ours[request.id][1]), logprobs, rtol=0, atol=LOGPROB_TOLERANCE)
     assert len({tuple(v[0]) for v in ours.values()}) > 2, "adapters must change the output"
+
+
+@pytest.mark.parametrize("quantize,settings", [
+    ("bitsandbytes", dict(load_in_8bit=True)),
+    ("bitsandbytes-fp4", dict(load_in_4bit=True, bnb_4bit_quant_type="fp4")),
+])
+def test_transformers_saved_checkpoints_read_as_bitsandbytes_dequantizes_them(quantize, settings, base_and_adapters,
+                                                                            tmp_path):
+    base, _ = base_and_adapters
+    state = transformers_prequantized(base, tmp_path / "q", **settings)
+    weights = Weights(tmp_path / "q", torch.float32, CPU, quantize=quantize)
+    x = torch.randn(3, 64)
+    for prefix in ("model.layers.1.self_attn.q_proj", "model.layers.1.mlp.gate_proj"):
+        expected = state[f"{prefix}.weight"]
+        half = expected.shape[0] // 2  # a rank's rows
+        linear = weights.linear_rows([(prefix, half, 2 * half)])
+        assert isinstance(linear, QuantizedLinear)
+        torch.testing.assert_close(linear(x), F.linear(x, expected[half:]), rtol=1e-5, atol=1e-5)
 
 
 def test_shards_load_their_slices_of_a_quantized_checkpoint(tmp_path):
