@@ -197,6 +197,15 @@ def test_strided_and_bfloat16_activations():
     torch.testing.assert_close(linear(x), F.linear(x, weight.bfloat16()))
 
 
+@pytest.mark.gpu
+def test_cuda_dequantizes_per_call():
+    """Off the CPU the layer dequantizes in torch and multiplies with F.linear, in the activations' dtype."""
+    grouped = random_grouped(40, 96, 4, 32, True)
+    linear = QuantizedLinear(grouped, torch.device("cuda", 0))
+    x = torch.randn(5, 96, device="cuda", dtype=torch.bfloat16)
+    torch.testing.assert_close(linear(x), F.linear(x, grouped.dequantize().to("cuda", torch.bfloat16)))
+
+
 def test_4bit_weights_take_under_a_third_of_float32():
     torch.manual_seed(0)
     weight = torch.randn(1536, 576)
