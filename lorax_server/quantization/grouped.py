@@ -18,7 +18,7 @@ class GroupedWeight:
     """An integer-coded weight [out, in] with groups of `group_size` input columns (see the module docstring).
 
     `g_idx` gives each input column's group: `i // group_size` for plain checkpoints, a permutation of it for
-    GPTQ's act-order. `zero` is None where the format has none (bitsandbytes).
+    GPTQ's act-order. `zero` is None where the format has none (bitsandbytes 4-bit).
     """
 
     codes: torch.Tensor  # uint8 [out, in]
