@@ -1,4 +1,4 @@
-"""Qwen3, Granite, Gemma, Gemma 2 and Gemma 3 (text) on the shared decoder equal transformers (+ peft): logits of a mixed
+"""Qwen3, Granite, Gemma, Gemma 2, Gemma 3 (text) and Phi-3 on the shared decoder equal transformers (+ peft): logits of a mixed
 prefill and a decode step over the paged cache, greedy tokens of staggered batches, and two adapters in one batch.
 Rotary scaling types equal transformers' own init functions."""
 from __future__ import annotations
@@ -8,6 +8,7 @@ import torch
 import transformers
 from peft import PeftModel
 
+from lorax_server.adapters.config import AdapterError
 from lorax_server.adapters.registry import AdapterKey
 from lorax_server.dist import Parallel
 from lorax_server.kv_cache import BLOCK_SIZE
@@ -16,7 +17,7 @@ from lorax_server.layers.rotary import Rotary, inverse_frequencies, rope_paramet
 from lorax_server.models import load_model, read_config
 from lorax_server.shard import build_service
 from tests.test_shard_exactness import PROMPTS, make_request, run_staggered
-from tests.tiny_models import make_adapter, make_tokenizer
+from tests.tiny_models import make_adapter, make_model, make_tokenizer
 
 SLIDING_FULL = ["sliding_attention", "full_attention"]
 # family -> (config class, model class, settings that make its differences matter in a tiny model)
@@ -31,6 +32,11 @@ FAMILIES = {
         sliding_window=4, query_pre_attn_scalar=24, layer_types=SLIDING_FULL, final_logit_softcapping=2.0,
         rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e5},
                          "sliding_attention": {"rope_type": "default", "rope_theta": 50.0}})),
+    # longrope past the original length (factor 8: an attention factor too), short factors at these lengths
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(
+        original_max_position_embeddings=64, sliding_window=6,
+        rope_parameters={"rope_type": "longrope", "short_factor": [1.0 + i / 4 for i in range(8)],
+                         "long_factor": [4.0 + i for i in range(8)]})),
     # the Llama family's per-layer windows: Qwen2 slides only from layer max_window_layers on
     "qwen2-sliding": ("Qwen2Config", "Qwen2ForCausalLM", dict(
         use_sliding_window=True, sliding_window=4, max_window_layers=1)),
@@ -88,7 +94,7 @@ def test_logits_match_transformers_in_prefill_and_decode(family, tmp_path):
     torch.testing.assert_close(ours, expected, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("family", ["qwen3", "granite", "gemma2", "gemma3"])
+@pytest.mark.parametrize("family", ["qwen3", "granite", "gemma2", "gemma3", "phi3"])
 def test_greedy_tokens_match_transformers_with_mid_decode_joins(family, tmp_path):
     reference, tok = make_family_model(family, tmp_path)
     generator = build_service(str(tmp_path), None, "hub", None, Parallel(), torch.device("cpu"), "/unused").generator
@@ -102,13 +108,21 @@ def test_greedy_tokens_match_transformers_with_mid_decode_joins(family, tmp_path
         assert ours[i] == expected.tolist(), f"{family} request {i}"
 
 
-@pytest.mark.parametrize("family", ["qwen3", "granite", "gemma", "gemma2", "gemma3"])
+ADAPTER_TARGETS = {  # family -> the two adapters' targets (default: the separate projections')
+    "phi3": (["qkv_proj"], ["gate_up_proj", "o_proj", "down_proj"]),
+}
+
+
+@pytest.mark.parametrize("family", ["qwen3", "granite", "gemma", "gemma2", "gemma3", "phi3"])
 def test_two_adapters_and_the_base_in_one_batch_match_peft(family, tmp_path, monkeypatch):
     monkeypatch.setenv("LORAX_LOCAL_ADAPTER_ROOTS", str(tmp_path))
     reference, tok = make_family_model(family, tmp_path / "base")
+    first, second = ADAPTER_TARGETS.get(
+        family, (["q_proj", "k_proj", "v_proj", "o_proj"], ["q_proj", "gate_proj", "up_proj", "down_proj"])
+    )
     adapters = [
-        make_adapter(reference, tmp_path / "a1", 1, 8, 16, ["q_proj", "k_proj", "v_proj", "o_proj"]),
-        make_adapter(reference, tmp_path / "a2", 2, 4, 8, ["q_proj", "gate_proj", "up_proj", "down_proj"]),
+        make_adapter(reference, tmp_path / "a1", 1, 8, 16, first),
+        make_adapter(reference, tmp_path / "a2", 2, 4, 8, second),
     ]
     generator = build_service(str(tmp_path / "base"), None, "hub", None, Parallel(), torch.device("cpu"), "/unused").generator
     generator.allocate_cache(2048)
@@ -156,12 +170,38 @@ def test_family_configs_read_from_hub_style_config_json():
     assert qwen2.layer_windows == (None,) * 4 + (8, 8)
     mistral = read_config({**base, "architectures": ["MistralForCausalLM"], "sliding_window": 8})
     assert mistral.sliding_window == 8  # one window for every layer: the batch metadata applies it
+    phi3 = read_config({**base, "architectures": ["Phi3ForCausalLM"], "sliding_window": 8, "original_max_position_embeddings": 128,
+                        "rope_scaling": {"type": "su", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8}})
+    assert (phi3.rope["all"]["rope_type"], phi3.rope["all"]["original_max_position_embeddings"]) == ("longrope", 128)
+    assert phi3.fused_projections and phi3.sliding_window == 8
+    yarn = {"type": "yarn", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8}  # transformers reads it as longrope
+    assert read_config({**base, "architectures": ["Phi3ForCausalLM"], "rope_scaling": yarn}).rope["all"]["rope_type"] == "longrope"
     granite = read_config({**base, "architectures": ["GraniteForCausalLM"], "attention_multiplier": 0.5})
     assert granite.attention_scale == 0.5 and granite.sliding_window is None
     with pytest.raises(ValueError, match="unsupported activation 'relu2'"):
         read_config({**base, "architectures": ["LlamaForCausalLM"], "hidden_act": "relu2"})
     with pytest.raises(ValueError, match="unsupported architecture 'GPT2LMHeadModel'.*Qwen3ForCausalLM.*Gemma3ForCausalLM"):
         read_config({**base, "architectures": ["GPT2LMHeadModel"]})
+
+
+def test_adapters_name_fused_modules_only_on_the_family_that_fuses_them(tmp_path, monkeypatch):
+    """Phi-3 adapters target qkv_proj / gate_up_proj (their B in the fused output layout); a Llama adapter's q_proj
+    means nothing to Phi-3, and a Phi-3 adapter's fused names nothing to Llama: refused with the supported names."""
+    monkeypatch.setenv("LORAX_LOCAL_ADAPTER_ROOTS", str(tmp_path))
+    phi3, _ = make_family_model("phi3", tmp_path / "phi3")
+    fused = make_adapter(phi3, tmp_path / "fused", 1, 4, 8, ["qkv_proj", "gate_up_proj"])
+    separate = make_adapter(make_model("llama", tmp_path / "llama"), tmp_path / "separate", 1, 4, 8, ["q_proj", "gate_proj"])
+    registry = {
+        name: build_service(str(tmp_path / name), None, "hub", None, Parallel(), torch.device("cpu"), "/unused").generator.adapters
+        for name in ("phi3", "llama")
+    }
+    weights = registry["phi3"].fetch(AdapterKey((str(fused),), "local"))
+    assert {m: b.shape[-1] for m, (_, b) in weights.modules.items()} == {"qkv_proj": 64 + 2 * 32, "gate_up_proj": 2 * 128}
+    with pytest.raises(AdapterError, match=r"targets gate_proj, q_proj, which this server cannot apply \(supported: "
+                                           r"qkv_proj, o_proj, gate_up_proj, down_proj\)"):
+        registry["phi3"].fetch(AdapterKey((str(separate),), "local"))
+    with pytest.raises(AdapterError, match=r"targets gate_up_proj, qkv_proj, which this server cannot apply \(supported: q_proj"):
+        registry["llama"].fetch(AdapterKey((str(fused),), "local"))
 
 
 ROPES = [  # (rope parameters, sequence lengths to compare at)

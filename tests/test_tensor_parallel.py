@@ -2,13 +2,17 @@
 per-rank slices of a model whose sizes do not divide, recombined by hand, equal the one-shard model."""
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from lorax_server.dist import Parallel
 from lorax_server.models import load_model
-from tests.tiny_models import make_model
+from tests.tiny_models import make_adapter, make_model
 
 
 @pytest.mark.parametrize("size,world", [(129, 2), (128, 2), (10, 3), (11, 4), (3, 4)])
@@ -55,3 +59,78 @@ def test_rank_slices_of_an_odd_vocab_and_intermediate_recombine_to_the_whole_mod
         return layer.down(F.silu(gate) * up)
 
     torch.testing.assert_close(sum(mlp(m.layers[0], x) for m in ranks), mlp(whole.layers[0], x))
+
+
+class ThreadGroup:
+    """A process group stand-in for ranks that are threads of this process: each collective meets at a barrier."""
+
+    def __init__(self, world_size: int):
+        self.barrier = threading.Barrier(world_size)
+        self.parts: list[torch.Tensor | None] = [None] * world_size
+
+    def exchange(self, rank: int, tensor: torch.Tensor) -> list[torch.Tensor]:
+        self.parts[rank] = tensor.clone()
+        self.barrier.wait()
+        parts = list(self.parts)
+        self.barrier.wait()  # nobody overwrites a part before every rank has read them all
+        return parts
+
+
+@dataclass(frozen=True)
+class ThreadParallel(Parallel):
+    group: ThreadGroup | None = None
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        parts = self.group.exchange(self.rank, tensor)
+        return tensor.copy_(sum(parts[1:], parts[0]))
+
+    def all_gather_last_dim(self, tensor: torch.Tensor) -> torch.Tensor:
+        return torch.cat(self.group.exchange(self.rank, tensor), dim=-1)
+
+
+def test_two_ranks_of_phi3_with_fused_adapters_equal_peft(tmp_path, monkeypatch):
+    """Fused qkv_proj / gate_up_proj sliced part by part on each rank (odd vocab and intermediate size too), with an
+    adapter on the fused qkv_proj and one on gate_up_proj, o_proj and down_proj, in one batch with the base model."""
+    from peft import PeftModel
+
+    from lorax_server.adapters.registry import AdapterKey, AdapterRegistry
+    from lorax_server.kv_cache import BLOCK_SIZE
+    from lorax_server.layers.attention import build_metadata
+    from tests.test_model_families import make_family_model
+
+    monkeypatch.setenv("LORAX_LOCAL_ADAPTER_ROOTS", str(tmp_path))
+    reference, tok = make_family_model("phi3", tmp_path / "base", vocab_size=321, intermediate_size=129)
+    adapters = [make_adapter(reference, tmp_path / "a1", 1, 8, 16, ["qkv_proj"]),
+                make_adapter(reference, tmp_path / "a2", 2, 4, 8, ["gate_up_proj", "o_proj", "down_proj"])]
+    prompts = [tok(p)["input_ids"] for p in ("The quick brown fox", "The quick brown fox", "The quick brown fox")]
+    lens = torch.tensor([len(p) for p in prompts])
+    group = ThreadGroup(2)
+
+    def rank_logits(rank: int) -> torch.Tensor:
+        model = load_model(tmp_path / "base", None, torch.device("cpu"), ThreadParallel(rank, 2, group))
+        registry = AdapterRegistry(model, torch.device("cpu"))
+        for index, folder in enumerate(adapters, start=1):
+            registry.load(AdapterKey((str(folder),), "local"), index)
+        lora = registry.lora_batch(torch.tensor([0, 1, 2]), frozenset({0, 1, 2}), (lens, int(lens.sum())))
+        cache = torch.zeros(model.cfg.num_layers, 2, model.num_kv_heads, 3 * BLOCK_SIZE, model.cfg.head_dim)
+        meta = build_metadata(lens, lens, torch.tensor([[0], [1], [2]]), BLOCK_SIZE, model.cfg.sliding_window,
+                              int(lens.max()), int(lens.max()))
+        flat = torch.tensor([t for p in prompts for t in p])
+        return model.forward(flat, meta, cache, torch.arange(len(flat)), lora)
+
+    with ThreadPoolExecutor(2) as pool:
+        ranks = list(pool.map(rank_logits, range(2)))
+    assert torch.equal(ranks[0], ranks[1]) and ranks[0].shape == (int(lens.sum()), 321)
+
+    peft = PeftModel.from_pretrained(reference, adapters[0], adapter_name="a1")
+    peft.load_adapter(adapters[1], adapter_name="a2")
+    expected = []
+    with torch.no_grad(), peft.disable_adapter():
+        expected.append(peft(torch.tensor([prompts[0]])).logits[0])
+    for i in (1, 2):
+        peft.set_adapter(f"a{i}")
+        with torch.no_grad():
+            expected.append(peft(torch.tensor([prompts[i]])).logits[0])
+    for got, want in zip(ranks[0].split(lens.tolist()), expected):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(expected[1], expected[2]), "the adapters must change the logits"

@@ -92,7 +92,7 @@ class AdapterRegistry:
         self.disk: dict[Path, int] = {}  # weight bytes of every adapter folder this shard has read
         self.access = AccessLedger(lambda *args: within_deadline(f"adapter '{args[1]}'", prove_access, *args))
         local = {
-            m: (s.stop - s.start if s.split == "in" else s.in_features, s.stop - s.start if s.split == "out" else s.out_features)
+            m: (s.local_features if s.split == "in" else s.in_features, s.local_features if s.split == "out" else s.out_features)
             for m, s in self.shapes.items()
         }
         self._out_sizes = {m: out for m, (_, out) in local.items()}

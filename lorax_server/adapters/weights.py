@@ -26,13 +26,25 @@ PICKLE_OPT_IN = "ALLOW_PICKLE_ADAPTERS"
 
 @dataclass(frozen=True)
 class ModuleShape:
-    """Full input/output features of a base linear, and this rank's slice of one of them."""
+    """Full input/output features of a base linear, and this rank's slice of one of them: [start, stop), followed by
+    the `more` ranges of a module whose output fuses several projections (Phi-3's qkv_proj: this rank's q, then its k
+    and v), concatenated in the order the rank's base output holds them."""
 
     in_features: int
     out_features: int
     split: str  # "out" (column-parallel) or "in" (row-parallel)
     start: int
     stop: int
+    more: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def ranges(self) -> tuple[tuple[int, int], ...]:
+        return ((self.start, self.stop), *self.more)
+
+    @property
+    def local_features(self) -> int:
+        """Features of the split dim this rank holds."""
+        return sum(stop - start for start, stop in self.ranges)
 
 
 @dataclass
@@ -135,13 +147,14 @@ def load_lora(
 
 
 def shard_lora(weights: LoraWeights, shapes: dict[str, ModuleShape]) -> LoraWeights:
-    """This rank's slice: A along `in` for row-parallel modules, B along `out` for column-parallel ones."""
+    """This rank's slice: A along `in` for row-parallel modules, B along `out` for column-parallel ones (each range
+    of a fused module, so its B keeps the layout of the rank's fused base output)."""
     modules = {}
     for module, (a, b) in weights.modules.items():
         shape = shapes[module]
         if shape.split == "in":
             a = a[:, shape.start : shape.stop].contiguous()
         else:
-            b = b[:, :, shape.start : shape.stop].contiguous()
+            b = torch.cat([b[:, :, start:stop] for start, stop in shape.ranges], dim=-1)
         modules[module] = (a, b)
     return LoraWeights(weights.rank, modules)

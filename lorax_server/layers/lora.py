@@ -21,15 +21,17 @@ GROUPS = {
     "gate_up": ("gate_proj", "up_proj"),
     "down": ("down_proj",),
 }
+# The same groups where the checkpoint (and so PEFT) already fuses them into one module (Phi-3).
+FUSED_GROUPS = {**GROUPS, "qkv": ("qkv_proj",), "gate_up": ("gate_up_proj",)}
 
 
 def groups_for(modules: Iterable[str]) -> dict[str, tuple[str, ...]]:
-    """The projection groups of a model with these LoRA modules: the fused GROUPS when every module is one of theirs
-    (the native decoder), else each module a group of its own (the transformers-backed path's separate modules)."""
+    """The projection groups of a model with these LoRA modules: GROUPS or FUSED_GROUPS when every module is one of
+    theirs (the native decoder), else each module a group of its own (the transformers-backed path's modules)."""
     modules = tuple(modules)
-    fused = {m for group in GROUPS.values() for m in group}
-    if fused.issuperset(modules):
-        return {g: group for g, group in GROUPS.items() if set(group) <= set(modules)}
+    for layout in (GROUPS, FUSED_GROUPS):
+        if {m for group in layout.values() for m in group}.issuperset(modules):
+            return {g: group for g, group in layout.items() if set(group) <= set(modules)}
     return {m: (m,) for m in modules}
 
 

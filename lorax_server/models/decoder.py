@@ -46,6 +46,7 @@ class DecoderConfig:
     layer_rope: tuple[str, ...]  # the `rope` entry each layer rotates with
     layer_windows: tuple[int | None, ...]  # each layer's sliding window; None: it sees the whole sequence
     qkv_bias: bool = False
+    fused_projections: bool = False  # Phi-3: q/k/v are one `qkv_proj` and gate/up one `gate_up_proj` (adapters too)
     o_bias: bool = False
     activation: str = "silu"
     qk_norm: bool = False  # Qwen3, Gemma 3: RMSNorm over each head of q and k, before rotary
@@ -122,6 +123,24 @@ def kv_heads_for_rank(cfg: DecoderConfig, parallel: Parallel) -> tuple[int, int]
     return q_start // group, (q_stop - 1) // group + 1
 
 
+def projection_rows(
+    prefix: str, modules: tuple[str, ...], fused: str | None, ranges: list[tuple[int, int]], sizes: list[int]
+) -> list[tuple[str, int, int]]:
+    """(checkpoint module, start, stop) of the rows this rank holds of each projection of a column-parallel group:
+    `ranges` of the separate `modules`, or of the one `fused` module whose rows stack the projections' full `sizes`
+    in order (the row offsets there are also the column offsets of a fused adapter's B)."""
+    if fused is None:
+        return [(f"{prefix}.{m}", start, stop) for m, (start, stop) in zip(modules, ranges)]
+    offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+    return [(f"{prefix}.{fused}", offset + start, offset + stop) for offset, (start, stop) in zip(offsets, ranges)]
+
+
+def fused_shape(in_features: int, out_features: int, rows: list[tuple[str, int, int]]) -> ModuleShape:
+    """The LoRA shape of a fused module whose rank rows are `rows` (projection_rows of it)."""
+    (_, start, stop), *more = rows
+    return ModuleShape(in_features, out_features, "out", start, stop, tuple((a, b) for _, a, b in more))
+
+
 class DecoderLayer:
     """One decoder layer holding this rank's slices of the weights."""
 
@@ -135,23 +154,24 @@ class DecoderLayer:
         self.num_heads, self.num_kv_heads, self.head_dim = q1 - q0, k1 - k0, d
         self.q_range, self.kv_range = (q0 * d, q1 * d), (k0 * d, k1 * d)
         self.q_size, self.kv_size = self.num_heads * d, self.num_kv_heads * d
-        self.qkv = weights.linear_rows([
-            (f"{p}.self_attn.q_proj", q0 * d, q1 * d),
-            (f"{p}.self_attn.k_proj", k0 * d, k1 * d),
-            (f"{p}.self_attn.v_proj", k0 * d, k1 * d),
-        ])
+        q_full, kv_full = cfg.num_heads * d, cfg.num_kv_heads * d
+        self.qkv_rows = projection_rows(
+            f"{p}.self_attn", ("q_proj", "k_proj", "v_proj"), "qkv_proj" if cfg.fused_projections else None,
+            [self.q_range, self.kv_range, self.kv_range], [q_full, kv_full, kv_full],
+        )
+        self.qkv = weights.linear_rows(self.qkv_rows)
         self.qkv_bias = None
         if cfg.qkv_bias:
-            self.qkv_bias = torch.cat([
-                weights.get_rows(f"{p}.self_attn.q_proj.bias", q0 * d, q1 * d),
-                weights.get_rows(f"{p}.self_attn.k_proj.bias", k0 * d, k1 * d),
-                weights.get_rows(f"{p}.self_attn.v_proj.bias", k0 * d, k1 * d),
-            ])
+            self.qkv_bias = torch.cat([weights.get_rows(f"{m}.bias", start, stop) for m, start, stop in self.qkv_rows])
         self.o = weights.linear_cols(f"{p}.self_attn.o_proj", q0 * d, q1 * d)
         self.o_bias = weights.get(f"{p}.self_attn.o_proj.bias") if cfg.o_bias else None
         i0, i1 = parallel.split_uneven(cfg.intermediate_size)
         self.inter, self.inter_range = i1 - i0, (i0, i1)
-        self.gate_up = weights.linear_rows([(f"{p}.mlp.gate_proj", i0, i1), (f"{p}.mlp.up_proj", i0, i1)])
+        self.gate_up_rows = projection_rows(
+            f"{p}.mlp", ("gate_proj", "up_proj"), "gate_up_proj" if cfg.fused_projections else None,
+            [(i0, i1), (i0, i1)], [cfg.intermediate_size] * 2,
+        )
+        self.gate_up = weights.linear_rows(self.gate_up_rows)
         self.down = weights.linear_cols(f"{p}.mlp.down_proj", i0, i1)
         self.act = ACTIVATIONS[cfg.activation]
 
@@ -260,14 +280,23 @@ class DecoderModel:
         """Full sizes of each LoRA-targetable linear and the slice this rank holds."""
         layer, hidden, inter = self.layers[0], self.cfg.hidden_size, self.cfg.intermediate_size
         q_full, kv_full = self.cfg.num_heads * self.cfg.head_dim, self.cfg.num_kv_heads * self.cfg.head_dim
+        o_proj = ModuleShape(q_full, hidden, "in", *layer.q_range)
+        down_proj = ModuleShape(inter, hidden, "in", *layer.inter_range)
+        if self.cfg.fused_projections:  # adapters name the checkpoint's fused modules
+            return {
+                "qkv_proj": fused_shape(hidden, q_full + 2 * kv_full, layer.qkv_rows),
+                "o_proj": o_proj,
+                "gate_up_proj": fused_shape(hidden, 2 * inter, layer.gate_up_rows),
+                "down_proj": down_proj,
+            }
         return {
             "q_proj": ModuleShape(hidden, q_full, "out", *layer.q_range),
             "k_proj": ModuleShape(hidden, kv_full, "out", *layer.kv_range),
             "v_proj": ModuleShape(hidden, kv_full, "out", *layer.kv_range),
-            "o_proj": ModuleShape(q_full, hidden, "in", *layer.q_range),
+            "o_proj": o_proj,
             "gate_proj": ModuleShape(hidden, inter, "out", *layer.inter_range),
             "up_proj": ModuleShape(hidden, inter, "out", *layer.inter_range),
-            "down_proj": ModuleShape(inter, hidden, "in", *layer.inter_range),
+            "down_proj": down_proj,
         }
 
     @property
