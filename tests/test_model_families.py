@@ -1,4 +1,4 @@
-"""Qwen3, Granite, Gemma, Gemma 2, Gemma 3 (text) and Phi-3 on the shared decoder equal transformers (+ peft): logits of a mixed
+"""Qwen3, Granite, Gemma, Gemma 2, Gemma 3 (text), Phi-3 and Mixtral on the shared decoder equal transformers (+ peft): logits of a mixed
 prefill and a decode step over the paged cache, greedy tokens of staggered batches, and two adapters in one batch.
 Rotary scaling types equal transformers' own init functions."""
 from __future__ import annotations
@@ -37,6 +37,7 @@ FAMILIES = {
         original_max_position_embeddings=64, sliding_window=6,
         rope_parameters={"rope_type": "longrope", "short_factor": [1.0 + i / 4 for i in range(8)],
                          "long_factor": [4.0 + i for i in range(8)]})),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2)),
     # the Llama family's per-layer windows: Qwen2 slides only from layer max_window_layers on
     "qwen2-sliding": ("Qwen2Config", "Qwen2ForCausalLM", dict(
         use_sliding_window=True, sliding_window=4, max_window_layers=1)),
@@ -94,7 +95,7 @@ def test_logits_match_transformers_in_prefill_and_decode(family, tmp_path):
     torch.testing.assert_close(ours, expected, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("family", ["qwen3", "granite", "gemma2", "gemma3", "phi3"])
+@pytest.mark.parametrize("family", ["qwen3", "granite", "gemma2", "gemma3", "phi3", "mixtral"])
 def test_greedy_tokens_match_transformers_with_mid_decode_joins(family, tmp_path):
     reference, tok = make_family_model(family, tmp_path)
     generator = build_service(str(tmp_path), None, "hub", None, Parallel(), torch.device("cpu"), "/unused").generator
@@ -110,10 +111,11 @@ def test_greedy_tokens_match_transformers_with_mid_decode_joins(family, tmp_path
 
 ADAPTER_TARGETS = {  # family -> the two adapters' targets (default: the separate projections')
     "phi3": (["qkv_proj"], ["gate_up_proj", "o_proj", "down_proj"]),
+    "mixtral": (["q_proj", "k_proj", "v_proj", "o_proj"], ["q_proj", "o_proj"]),  # attention only
 }
 
 
-@pytest.mark.parametrize("family", ["qwen3", "granite", "gemma", "gemma2", "gemma3", "phi3"])
+@pytest.mark.parametrize("family", ["qwen3", "granite", "gemma", "gemma2", "gemma3", "phi3", "mixtral"])
 def test_two_adapters_and_the_base_in_one_batch_match_peft(family, tmp_path, monkeypatch):
     monkeypatch.setenv("LORAX_LOCAL_ADAPTER_ROOTS", str(tmp_path))
     reference, tok = make_family_model(family, tmp_path / "base")
@@ -202,6 +204,48 @@ def test_adapters_name_fused_modules_only_on_the_family_that_fuses_them(tmp_path
         registry["phi3"].fetch(AdapterKey((str(separate),), "local"))
     with pytest.raises(AdapterError, match=r"targets gate_up_proj, qkv_proj, which this server cannot apply \(supported: q_proj"):
         registry["llama"].fetch(AdapterKey((str(fused),), "local"))
+
+
+def test_mixtral_batch_routed_to_every_expert_matches_transformers(tmp_path, monkeypatch):
+    """Every layer's experts all run in one batch, each over several tokens, and the logits equal transformers'."""
+    from lorax_server.layers.moe import SparseMoe
+
+    reference, tok = make_family_model("mixtral", tmp_path)
+    model = load_model(tmp_path, None, torch.device("cpu"), Parallel())
+    routed = []
+    route = SparseMoe.route
+    monkeypatch.setattr(SparseMoe, "route", lambda self, x: routed.append(route(self, x)) or routed[-1])
+    prompts = [tok(p)["input_ids"] for p in PROMPTS[:3]]
+    cache = torch.zeros(model.cfg.num_layers, 2, model.num_kv_heads, 6 * BLOCK_SIZE, model.cfg.head_dim)
+    ours = forward(model, prompts, [len(p) for p in prompts], cache, torch.tensor([[0, 1], [2, 3], [4, 5]]))
+    assert len(routed) == model.cfg.num_layers
+    for experts, _ in routed:
+        assert torch.bincount(experts.flatten(), minlength=4).min() >= 2, experts
+    with torch.no_grad():
+        expected = [reference(torch.tensor([p])).logits[0] for p in prompts]
+    torch.testing.assert_close(ours, torch.cat(expected), atol=1e-4, rtol=1e-4)
+
+
+def test_mixtral_adapters_on_experts_are_refused_with_the_reason(tmp_path, monkeypatch):
+    import json
+
+    monkeypatch.setenv("LORAX_LOCAL_ADAPTER_ROOTS", str(tmp_path))
+    reference, _ = make_family_model("mixtral", tmp_path / "base")
+    registry = build_service(str(tmp_path / "base"), None, "hub", None, Parallel(), torch.device("cpu"), "/unused").generator.adapters
+    folder = make_adapter(reference, tmp_path / "a", 1, 4, 8, ["q_proj"])
+    config = json.loads((folder / "adapter_config.json").read_text())
+    for name, change, reason in [
+        ("params", {"target_parameters": ["mlp.experts.gate_up_proj"]}, r"targets parameters .* \(such as expert weights\)"),
+        ("legacy", {"target_modules": ["q_proj", "w1", "w2"]}, r"targets w1, w2, which this server cannot apply "
+                                                                r"\(supported: q_proj, k_proj, v_proj, o_proj\)"),
+    ]:
+        edited = tmp_path / name
+        edited.mkdir()
+        (edited / "adapter_model.safetensors").write_bytes((folder / "adapter_model.safetensors").read_bytes())
+        (edited / "adapter_config.json").write_text(json.dumps({**config, **change}))
+        with pytest.raises(AdapterError, match=reason):
+            registry.fetch(AdapterKey((str(edited),), "local"))
+    assert set(registry.fetch(AdapterKey((str(folder),), "local")).modules) == {"q_proj"}
 
 
 ROPES = [  # (rope parameters, sequence lengths to compare at)

@@ -88,9 +88,13 @@ class ThreadParallel(Parallel):
         return torch.cat(self.group.exchange(self.rank, tensor), dim=-1)
 
 
-def test_two_ranks_of_phi3_with_fused_adapters_equal_peft(tmp_path, monkeypatch):
-    """Fused qkv_proj / gate_up_proj sliced part by part on each rank (odd vocab and intermediate size too), with an
-    adapter on the fused qkv_proj and one on gate_up_proj, o_proj and down_proj, in one batch with the base model."""
+@pytest.mark.parametrize("family,targets", [
+    ("phi3", (["qkv_proj"], ["gate_up_proj", "o_proj", "down_proj"])),
+    ("mixtral", (["q_proj", "k_proj", "v_proj"], ["o_proj"])),
+])
+def test_two_ranks_with_adapters_equal_peft(family, targets, tmp_path, monkeypatch):
+    """Two ranks on an odd vocabulary and intermediate size, two adapters and the base model in one batch. Phi-3:
+    fused qkv_proj / gate_up_proj sliced part by part, adapters on them too; Mixtral: each expert split unevenly."""
     from peft import PeftModel
 
     from lorax_server.adapters.registry import AdapterKey, AdapterRegistry
@@ -99,9 +103,11 @@ def test_two_ranks_of_phi3_with_fused_adapters_equal_peft(tmp_path, monkeypatch)
     from tests.test_model_families import make_family_model
 
     monkeypatch.setenv("LORAX_LOCAL_ADAPTER_ROOTS", str(tmp_path))
-    reference, tok = make_family_model("phi3", tmp_path / "base", vocab_size=321, intermediate_size=129)
-    adapters = [make_adapter(reference, tmp_path / "a1", 1, 8, 16, ["qkv_proj"]),
-                make_adapter(reference, tmp_path / "a2", 2, 4, 8, ["gate_up_proj", "o_proj", "down_proj"])]
+    reference, tok = make_family_model(family, tmp_path / "base", vocab_size=321, intermediate_size=129)
+    if family == "mixtral":  # transformers' default grouped matmul refuses experts of 129 features
+        reference.set_experts_implementation("eager")
+    adapters = [make_adapter(reference, tmp_path / "a1", 1, 8, 16, targets[0]),
+                make_adapter(reference, tmp_path / "a2", 2, 4, 8, targets[1])]
     prompts = [tok(p)["input_ids"] for p in ("The quick brown fox", "The quick brown fox", "The quick brown fox")]
     lens = torch.tensor([len(p) for p in prompts])
     group = ThreadGroup(2)

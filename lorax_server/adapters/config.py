@@ -46,6 +46,11 @@ def read_config(folder: Path, adapter_id: str, modules: tuple[str, ...] | None =
         raise AdapterError(f"adapter '{adapter_id}' is a {raw.get('peft_type')} adapter; only LoRA is supported")
     if raw.get("modules_to_save"):
         raise AdapterError(f"adapter '{adapter_id}' sets modules_to_save {raw['modules_to_save']}, which is not supported")
+    if raw.get("target_parameters"):  # PEFT's LoRA on raw weights, as on the expert tensors of mixture-of-experts models
+        raise AdapterError(
+            f"adapter '{adapter_id}' targets parameters {raw['target_parameters']} (such as expert weights), which is "
+            "not supported: adapters apply to linear modules only"
+        )
     for unsupported in ("use_dora", "rank_pattern", "alpha_pattern", "layers_to_transform"):
         if raw.get(unsupported):
             raise AdapterError(f"adapter '{adapter_id}' uses {unsupported}, which is not supported")

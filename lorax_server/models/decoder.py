@@ -20,6 +20,7 @@ from lorax_server.dist import Parallel
 from lorax_server.layers.attention import AttentionMetadata, paged_attention
 from lorax_server.layers.linear import Linear
 from lorax_server.layers.lora import LoraBatch
+from lorax_server.layers.moe import MoeConfig, SparseMoe
 from lorax_server.layers.norm import RMSNorm
 from lorax_server.layers.rotary import Rotary, apply_rotary, rope_parameters
 from lorax_server.weights import Weights
@@ -47,6 +48,7 @@ class DecoderConfig:
     layer_windows: tuple[int | None, ...]  # each layer's sliding window; None: it sees the whole sequence
     qkv_bias: bool = False
     fused_projections: bool = False  # Phi-3: q/k/v are one `qkv_proj` and gate/up one `gate_up_proj` (adapters too)
+    moe: MoeConfig | None = None  # Mixtral: a sparse mixture of experts (of intermediate_size each) for the MLP
     o_bias: bool = False
     activation: str = "silu"
     qk_norm: bool = False  # Qwen3, Gemma 3: RMSNorm over each head of q and k, before rotary
@@ -167,13 +169,15 @@ class DecoderLayer:
         self.o_bias = weights.get(f"{p}.self_attn.o_proj.bias") if cfg.o_bias else None
         i0, i1 = parallel.split_uneven(cfg.intermediate_size)
         self.inter, self.inter_range = i1 - i0, (i0, i1)
-        self.gate_up_rows = projection_rows(
-            f"{p}.mlp", ("gate_proj", "up_proj"), "gate_up_proj" if cfg.fused_projections else None,
-            [(i0, i1), (i0, i1)], [cfg.intermediate_size] * 2,
-        )
-        self.gate_up = weights.linear_rows(self.gate_up_rows)
-        self.down = weights.linear_cols(f"{p}.mlp.down_proj", i0, i1)
         self.act = ACTIVATIONS[cfg.activation]
+        self.moe = SparseMoe(cfg.moe, weights, p, (i0, i1), self.act) if cfg.moe else None
+        if self.moe is None:
+            self.gate_up_rows = projection_rows(
+                f"{p}.mlp", ("gate_proj", "up_proj"), "gate_up_proj" if cfg.fused_projections else None,
+                [(i0, i1), (i0, i1)], [cfg.intermediate_size] * 2,
+            )
+            self.gate_up = weights.linear_rows(self.gate_up_rows)
+            self.down = weights.linear_cols(f"{p}.mlp.down_proj", i0, i1)
 
         norm = partial(RMSNorm, eps=cfg.rms_norm_eps, unit_offset=cfg.unit_offset_norms)
         self.input_norm = norm(weights.get(f"{p}.input_layernorm.weight"))
@@ -238,12 +242,15 @@ class DecoderLayer:
         hidden = self._residual(hidden, self._row_parallel(attn, self.o, self.o_bias, lora, "o"), self.post_attn_norm)
 
         x = self.pre_mlp_norm(hidden)
+        out = self.parallel.all_reduce(self.moe(x)) if self.moe is not None else self._mlp(x, lora)
+        return self._residual(hidden, out, self.post_mlp_norm)
+
+    def _mlp(self, x: torch.Tensor, lora: LoraBatch | None) -> torch.Tensor:
         gate_up = self.gate_up(x)
         if lora is not None:
             gate_up = lora.apply("gate_up", self.index, x, gate_up)
         gate, up = gate_up.split([self.inter, self.inter], dim=-1)
-        out = self._row_parallel(self.act(gate) * up, self.down, None, lora, "down")
-        return self._residual(hidden, out, self.post_mlp_norm)
+        return self._row_parallel(self.act(gate) * up, self.down, None, lora, "down")
 
 
 class DecoderModel:
@@ -280,24 +287,24 @@ class DecoderModel:
         """Full sizes of each LoRA-targetable linear and the slice this rank holds."""
         layer, hidden, inter = self.layers[0], self.cfg.hidden_size, self.cfg.intermediate_size
         q_full, kv_full = self.cfg.num_heads * self.cfg.head_dim, self.cfg.num_kv_heads * self.cfg.head_dim
-        o_proj = ModuleShape(q_full, hidden, "in", *layer.q_range)
-        down_proj = ModuleShape(inter, hidden, "in", *layer.inter_range)
         if self.cfg.fused_projections:  # adapters name the checkpoint's fused modules
-            return {
-                "qkv_proj": fused_shape(hidden, q_full + 2 * kv_full, layer.qkv_rows),
-                "o_proj": o_proj,
-                "gate_up_proj": fused_shape(hidden, 2 * inter, layer.gate_up_rows),
-                "down_proj": down_proj,
+            shapes = {"qkv_proj": fused_shape(hidden, q_full + 2 * kv_full, layer.qkv_rows)}
+        else:
+            shapes = {
+                "q_proj": ModuleShape(hidden, q_full, "out", *layer.q_range),
+                "k_proj": ModuleShape(hidden, kv_full, "out", *layer.kv_range),
+                "v_proj": ModuleShape(hidden, kv_full, "out", *layer.kv_range),
             }
-        return {
-            "q_proj": ModuleShape(hidden, q_full, "out", *layer.q_range),
-            "k_proj": ModuleShape(hidden, kv_full, "out", *layer.kv_range),
-            "v_proj": ModuleShape(hidden, kv_full, "out", *layer.kv_range),
-            "o_proj": o_proj,
-            "gate_proj": ModuleShape(hidden, inter, "out", *layer.inter_range),
-            "up_proj": ModuleShape(hidden, inter, "out", *layer.inter_range),
-            "down_proj": down_proj,
-        }
+        shapes["o_proj"] = ModuleShape(q_full, hidden, "in", *layer.q_range)
+        if self.cfg.moe is not None:  # the experts take no adapters
+            return shapes
+        if self.cfg.fused_projections:
+            shapes["gate_up_proj"] = fused_shape(hidden, 2 * inter, layer.gate_up_rows)
+        else:
+            shapes["gate_proj"] = ModuleShape(hidden, inter, "out", *layer.inter_range)
+            shapes["up_proj"] = ModuleShape(hidden, inter, "out", *layer.inter_range)
+        shapes["down_proj"] = ModuleShape(inter, hidden, "in", *layer.inter_range)
+        return shapes
 
     @property
     def kv_bytes_per_token(self) -> int:

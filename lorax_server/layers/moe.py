@@ -1,0 +1,74 @@
+"""The sparse mixture-of-experts MLP (Mixtral): a router picks each token's top-k experts and their weights; each
+expert then runs once over all the tokens routed to it (a loop over experts, never over tokens), and its weighted
+outputs are added back into those tokens' rows, experts in index order as transformers adds them.
+
+Tensor-parallel like the dense MLP: every rank holds each expert's slice of intermediate features (gate/up rows,
+down columns) and the whole router, so all ranks route alike and the caller all-reduces the partial outputs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from lorax_server.layers.linear import Linear
+from lorax_server.layers.quantized import QuantizedLinear
+from lorax_server.weights import Weights
+
+
+@dataclass(frozen=True)
+class MoeConfig:
+    """How many experts, how many each token uses, and the checkpoint's names (within a layer) for them."""
+
+    num_experts: int
+    top_k: int
+    router: str  # the router's linear, e.g. "block_sparse_moe.gate"
+    expert: str  # an expert's prefix with `{}` for its index, e.g. "block_sparse_moe.experts.{}"
+    projections: tuple[str, str, str]  # gate, up and down within an expert, e.g. ("w1", "w3", "w2")
+
+
+class SparseMoe:
+    """One layer's router and this rank's slices of its experts."""
+
+    def __init__(
+        self, cfg: MoeConfig, weights: Weights, prefix: str, inter: tuple[int, int],
+        act: Callable[[torch.Tensor], torch.Tensor],
+    ):
+        """prefix: the layer's ("model.layers.3"); inter: this rank's [start, stop) of each expert's features."""
+        self.top_k, self.act = cfg.top_k, act
+        self.inter = inter[1] - inter[0]
+        self.router = weights.get(f"{prefix}.{cfg.router}.weight")
+        gate, up, down = cfg.projections
+        experts = [f"{prefix}.{cfg.expert.format(e)}" for e in range(cfg.num_experts)]
+        self.gate_up: list[Linear | QuantizedLinear] = [
+            weights.linear_rows([(f"{e}.{gate}", *inter), (f"{e}.{up}", *inter)]) for e in experts
+        ]
+        self.down: list[Linear | QuantizedLinear] = [weights.linear_cols(f"{e}.{down}", *inter) for e in experts]
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each token's top-k experts [T, k] and their weights [T, k] (float32): softmax over all experts, the top
+        k renormalised to sum to one."""
+        probs = F.softmax(F.linear(x, self.router).float(), dim=-1)
+        weights, experts = probs.topk(self.top_k, dim=-1)
+        return experts, weights / weights.sum(dim=-1, keepdim=True)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's partial MLP output for tokens x [T, hidden]. The tokens per expert are read to the host once
+        per call (the sizes of the per-expert matmuls)."""
+        experts, weights = self.route(x)
+        choices = experts.flatten()  # [T * k]: the expert of each (token, choice)
+        order = choices.argsort(stable=True)
+        counts = torch.bincount(choices, minlength=len(self.down)).tolist()
+        tokens, choice_weights = order // self.top_k, weights.flatten()[order]
+        out = torch.zeros_like(x)
+        start = 0
+        for expert, count in enumerate(counts):
+            if count:
+                rows = tokens[start : start + count]
+                gate, up = self.gate_up[expert](x[rows]).split([self.inter, self.inter], dim=-1)
+                y = self.down[expert](self.act(gate) * up) * choice_weights[start : start + count, None]
+                out.index_add_(0, rows, y.to(out.dtype))
+            start += count
+        return out
