@@ -37,6 +37,10 @@ FAMILIES = {
         original_max_position_embeddings=64, sliding_window=6,
         rope_parameters={"rope_type": "longrope", "short_factor": [1.0 + i / 4 for i in range(8)],
                          "long_factor": [4.0 + i for i in range(8)]})),
+    "phi4-mini": ("Phi3Config", "Phi3ForCausalLM", dict(  # Phi-3 layout, rotary over 3/4 of each head
+        partial_rotary_factor=0.75, original_max_position_embeddings=64,
+        rope_parameters={"rope_type": "longrope", "short_factor": [1.0 + i / 4 for i in range(6)],
+                         "long_factor": [4.0 + i for i in range(6)]})),
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2)),
     # the Llama family's per-layer windows: Qwen2 slides only from layer max_window_layers on
     "qwen2-sliding": ("Qwen2Config", "Qwen2ForCausalLM", dict(

@@ -29,8 +29,7 @@ def rope_parameters(config: dict, layer_type: str | None = None) -> dict:
     if params["rope_type"] == "su":
         params["rope_type"] = "longrope"
     params["rope_theta"] = float(params.get("rope_theta") or theta or 10000.0)
-    if float(params.get("partial_rotary_factor") or config.get("partial_rotary_factor") or 1.0) != 1.0:
-        raise ValueError("rotary embeddings over part of each head (partial_rotary_factor) are not supported")
+    params["partial_rotary_factor"] = float(params.get("partial_rotary_factor") or config.get("partial_rotary_factor") or 1.0)
     params["max_position_embeddings"] = int(config.get("max_position_embeddings", 4096))
     if params["rope_type"] in _NEEDS_ORIGINAL_LENGTH:
         # a top-level original length (Phi-3) wins, as in transformers
@@ -126,14 +125,15 @@ def _angles(params: dict, head_dim: int, max_positions: int) -> tuple[torch.Tens
 
 
 class Rotary:
-    """Precomputed cos/sin tables looked up by absolute position.
+    """Precomputed cos/sin tables looked up by absolute position, over the first `partial_rotary_factor` of each
+    head's features (Phi-4-mini rotates three quarters; the rest pass through unrotated).
 
     The sin table carries rotate-half's sign: [-sin, +sin] over the two halves, so rotating is a swap of the
     halves, a multiply and a fused multiply-add: x*cos + cat(-x2, x1)*sin in three kernels (the fused add may round
     the last bit differently). Scaling types with an attention factor (yarn, longrope) have it folded in."""
 
     def __init__(self, params: dict, head_dim: int, max_positions: int, device: torch.device, dtype: torch.dtype):
-        angles, attention = _angles(params, head_dim, max_positions)
+        angles, attention = _angles(params, int(head_dim * params["partial_rotary_factor"]), max_positions)
         cos, sin = angles.cos() * attention, angles.sin() * attention
         self.cos = torch.cat([cos, cos], dim=-1).to(device=device, dtype=dtype)
         self.sin = torch.cat([-sin, sin], dim=-1).to(device=device, dtype=dtype)
@@ -144,6 +144,10 @@ class Rotary:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-    """Rotate [tokens, heads, head_dim] vectors by their positions' angles."""
+    """Rotate [tokens, heads, head_dim] vectors by their positions' angles: each whole head, or its first
+    cos.shape[-1] features when the tables are narrower (partial rotary)."""
+    rotated = cos.shape[-1]
+    if rotated < x.shape[-1]:
+        return torch.cat([apply_rotary(x[..., :rotated], cos, signed_sin), x[..., rotated:]], dim=-1)
     swapped = torch.roll(x, x.shape[-1] // 2, dims=-1)
     return torch.addcmul(x * cos, swapped, signed_sin)

@@ -1,6 +1,7 @@
-"""Phi-3 and Phi-3.5 (mini, medium): the Llama decoder whose checkpoint fuses q/k/v into one `qkv_proj` and gate/up
-into one `gate_up_proj` (sliced per rank part by part; adapters target those fused modules by name), with
-`longrope` rotary scaling for the long-context variants and, when set, one sliding window over every layer."""
+"""Phi-3, Phi-3.5 (mini, medium) and Phi-4-mini: the Llama decoder whose checkpoint fuses q/k/v into one `qkv_proj`
+and gate/up into one `gate_up_proj` (sliced per rank part by part; adapters target those fused modules by name), with
+`longrope` rotary scaling for the long-context variants (over part of each head on Phi-4-mini) and, when set, one
+sliding window over every layer."""
 from __future__ import annotations
 
 from lorax_server.layers.rotary import rope_parameters
