@@ -1,5 +1,6 @@
-"""Tensor-parallel split arithmetic: uneven intermediate parts, a padded vocabulary, heads that must divide; and the
-per-rank slices of a model whose sizes do not divide, recombined by hand, equal the one-shard model."""
+"""Tensor-parallel split arithmetic: uneven intermediate parts, a padded vocabulary, heads that must divide; the
+per-rank slices of a model whose sizes do not divide, recombined by hand, equal the one-shard model; two ranks run as
+threads equal transformers+peft; vocabulary ids past the tokenizer generate without errors."""
 from __future__ import annotations
 
 import threading
@@ -140,3 +141,28 @@ def test_two_ranks_with_adapters_equal_peft(family, targets, tmp_path, monkeypat
     for got, want in zip(ranks[0].split(lens.tolist()), expected):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     assert not torch.allclose(expected[1], expected[2]), "the adapters must change the logits"
+
+
+def test_ids_past_the_tokenizer_are_generated_with_empty_text(tmp_path):
+    """Vocab 321 over a 320-token tokenizer (the kind of vocabulary padding shards face): id 320, given a strong head
+    row, is chosen greedily, streamed with empty text and left out of the generated text, without an error."""
+    import lorax_server.pb.generate_pb2 as pb
+    from lorax_server.shard import build_service
+    from tests.test_shard_exactness import PROMPTS, make_request
+
+    model = make_model("llama", tmp_path, vocab_size=321)
+    with torch.no_grad():
+        model.lm_head.weight[320] = model.lm_head.weight[5] * 3
+    model.save_pretrained(tmp_path)
+    generator = build_service(str(tmp_path), None, "hub", None, Parallel(), torch.device("cpu"), "/unused").generator
+    generator.allocate_cache(1024)
+    request = make_request(generator.tokenizer, 0, PROMPTS[0], 6)
+    gens, batch = generator.prefill(generator.new_batch(pb.Batch(id=0, requests=[request])))
+    tokens = []
+    while True:
+        tokens += zip(gens[0].next_tokens.ids, gens[0].next_tokens.texts)
+        if gens[0].HasField("generated_text"):
+            break
+        gens, batch = generator.decode([batch])
+    assert (320, "") in tokens and len(tokens) == 6
+    assert gens[0].generated_text.text == generator.tokenizer.decode([t for t, _ in tokens if t != 320])
