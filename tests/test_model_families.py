@@ -1,6 +1,6 @@
-"""Qwen3, Granite, Gemma, Gemma 2, Gemma 3 (text), Phi-3 and Mixtral on the shared decoder equal transformers (+ peft): logits of a mixed
-prefill and a decode step over the paged cache, greedy tokens of staggered batches, and two adapters in one batch.
-Rotary scaling types equal transformers' own init functions."""
+"""Qwen3, Granite, Gemma, Gemma 2, Gemma 3 (text), Phi-3, Mixtral and Qwen2/3-MoE on the shared decoder equal
+transformers (+ peft): logits of a mixed prefill and a decode step over the paged cache, greedy tokens of staggered
+batches, and two adapters in one batch. Rotary scaling types equal transformers' own init functions."""
 from __future__ import annotations
 
 import pytest
@@ -42,6 +42,12 @@ FAMILIES = {
         rope_parameters={"rope_type": "longrope", "short_factor": [1.0 + i / 4 for i in range(6)],
                          "long_factor": [4.0 + i for i in range(6)]})),
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2)),
+    # experts in layer 0 only (the other keeps a dense MLP); Qwen3 renormalises the top k, Qwen2 adds a shared expert
+    "qwen3-moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, norm_topk_prob=True, mlp_only_layers=[1])),
+    "qwen2-moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, shared_expert_intermediate_size=80,
+        mlp_only_layers=[1])),
     # the Llama family's per-layer windows: Qwen2 slides only from layer max_window_layers on
     "qwen2-sliding": ("Qwen2Config", "Qwen2ForCausalLM", dict(
         use_sliding_window=True, sliding_window=4, max_window_layers=1)),
@@ -99,7 +105,7 @@ def test_logits_match_transformers_in_prefill_and_decode(family, tmp_path):
     torch.testing.assert_close(ours, expected, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("family", ["qwen3", "granite", "gemma2", "gemma3", "phi3", "mixtral"])
+@pytest.mark.parametrize("family", ["qwen3", "granite", "gemma2", "gemma3", "phi3", "mixtral", "qwen2-moe"])
 def test_greedy_tokens_match_transformers_with_mid_decode_joins(family, tmp_path):
     reference, tok = make_family_model(family, tmp_path)
     generator = build_service(str(tmp_path), None, "hub", None, Parallel(), torch.device("cpu"), "/unused").generator
@@ -116,10 +122,11 @@ def test_greedy_tokens_match_transformers_with_mid_decode_joins(family, tmp_path
 ADAPTER_TARGETS = {  # family -> the two adapters' targets (default: the separate projections')
     "phi3": (["qkv_proj"], ["gate_up_proj", "o_proj", "down_proj"]),
     "mixtral": (["q_proj", "k_proj", "v_proj", "o_proj"], ["q_proj", "o_proj"]),  # attention only
+    "qwen3-moe": (["q_proj", "k_proj", "v_proj", "o_proj"], ["q_proj", "o_proj"]),
 }
 
 
-@pytest.mark.parametrize("family", ["qwen3", "granite", "gemma", "gemma2", "gemma3", "phi3", "mixtral"])
+@pytest.mark.parametrize("family", ["qwen3", "granite", "gemma", "gemma2", "gemma3", "phi3", "mixtral", "qwen3-moe"])
 def test_two_adapters_and_the_base_in_one_batch_match_peft(family, tmp_path, monkeypatch):
     monkeypatch.setenv("LORAX_LOCAL_ADAPTER_ROOTS", str(tmp_path))
     reference, tok = make_family_model(family, tmp_path / "base")
@@ -182,6 +189,15 @@ def test_family_configs_read_from_hub_style_config_json():
     assert phi3.fused_projections and phi3.sliding_window == 8
     yarn = {"type": "yarn", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8}  # transformers reads it as longrope
     assert read_config({**base, "architectures": ["Phi3ForCausalLM"], "rope_scaling": yarn}).rope["all"]["rope_type"] == "longrope"
+    experts = dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=2, mlp_only_layers=[5])
+    qwen3_moe = read_config({**base, **experts, "architectures": ["Qwen3MoeForCausalLM"], "norm_topk_prob": True,
+                             "sliding_window": 8, "use_sliding_window": False})
+    assert (qwen3_moe.moe.layers, qwen3_moe.moe.num_experts, qwen3_moe.moe.normalize_top_k) == ((1, 3), 8, True)
+    assert qwen3_moe.qk_norm and qwen3_moe.sliding_window is None and qwen3_moe.moe.shared is None
+    qwen2_moe = read_config({**base, **experts, "architectures": ["Qwen2MoeForCausalLM"], "shared_expert_intermediate_size": 64,
+                             "use_sliding_window": True, "sliding_window": 8, "max_window_layers": 4})
+    assert qwen2_moe.layer_windows == (8, None, 8, None, None, None) and qwen2_moe.qkv_bias
+    assert qwen2_moe.moe.shared.intermediate_size == 64 and not qwen2_moe.moe.normalize_top_k
     granite = read_config({**base, "architectures": ["GraniteForCausalLM"], "attention_multiplier": 0.5})
     assert granite.attention_scale == 0.5 and granite.sliding_window is None
     with pytest.raises(ValueError, match="unsupported activation 'relu2'"):
@@ -334,6 +350,8 @@ def test_gemma2_on_two_shards_matches_transformers_and_peft(tmp_path):
         assert launcher.stop() == 0, launcher.output()
 
 
-def test_partial_rotary_is_refused_rather_than_rotated_wrongly():
-    with pytest.raises(ValueError, match="partial_rotary_factor"):
-        rope_parameters({"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}})
+def test_partial_rotary_factor_is_read_from_either_config_layout():
+    """transformers 5 nests it in rope_parameters; Phi-4-mini's hub config.json has it at the top level."""
+    nested = rope_parameters({"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}})
+    top_level = rope_parameters({"rope_theta": 1e4, "partial_rotary_factor": 0.75})
+    assert (nested["partial_rotary_factor"], top_level["partial_rotary_factor"]) == (0.5, 0.75)

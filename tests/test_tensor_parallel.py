@@ -89,13 +89,16 @@ class ThreadParallel(Parallel):
         return torch.cat(self.group.exchange(self.rank, tensor), dim=-1)
 
 
-@pytest.mark.parametrize("family,targets", [
-    ("phi3", (["qkv_proj"], ["gate_up_proj", "o_proj", "down_proj"])),
-    ("mixtral", (["q_proj", "k_proj", "v_proj"], ["o_proj"])),
+@pytest.mark.parametrize("family,targets,sizes", [
+    ("phi3", (["qkv_proj"], ["gate_up_proj", "o_proj", "down_proj"]), {}),
+    ("mixtral", (["q_proj", "k_proj", "v_proj"], ["o_proj"]), {}),
+    ("qwen2-moe", (["q_proj", "k_proj", "v_proj"], ["o_proj"]),
+     dict(moe_intermediate_size=49, shared_expert_intermediate_size=81)),
 ])
-def test_two_ranks_with_adapters_equal_peft(family, targets, tmp_path, monkeypatch):
+def test_two_ranks_with_adapters_equal_peft(family, targets, sizes, tmp_path, monkeypatch):
     """Two ranks on an odd vocabulary and intermediate size, two adapters and the base model in one batch. Phi-3:
-    fused qkv_proj / gate_up_proj sliced part by part, adapters on them too; Mixtral: each expert split unevenly."""
+    fused qkv_proj / gate_up_proj sliced part by part, adapters on them too; MoE: each expert (and Qwen2-MoE's shared
+    one) split unevenly."""
     from peft import PeftModel
 
     from lorax_server.adapters.registry import AdapterKey, AdapterRegistry
@@ -104,8 +107,8 @@ def test_two_ranks_with_adapters_equal_peft(family, targets, tmp_path, monkeypat
     from tests.test_model_families import make_family_model
 
     monkeypatch.setenv("LORAX_LOCAL_ADAPTER_ROOTS", str(tmp_path))
-    reference, tok = make_family_model(family, tmp_path / "base", vocab_size=321, intermediate_size=129)
-    if family == "mixtral":  # transformers' default grouped matmul refuses experts of 129 features
+    reference, tok = make_family_model(family, tmp_path / "base", vocab_size=321, intermediate_size=129, **sizes)
+    if family != "phi3":  # transformers' default grouped matmul refuses experts of odd feature counts
         reference.set_experts_implementation("eager")
     adapters = [make_adapter(reference, tmp_path / "a1", 1, 8, 16, targets[0]),
                 make_adapter(reference, tmp_path / "a2", 2, 4, 8, targets[1])]

@@ -48,7 +48,7 @@ class DecoderConfig:
     layer_windows: tuple[int | None, ...]  # each layer's sliding window; None: it sees the whole sequence
     qkv_bias: bool = False
     fused_projections: bool = False  # Phi-3: q/k/v are one `qkv_proj` and gate/up one `gate_up_proj` (adapters too)
-    moe: MoeConfig | None = None  # Mixtral: a sparse mixture of experts (of intermediate_size each) for the MLP
+    moe: MoeConfig | None = None  # Mixtral, Qwen-MoE: a sparse mixture of experts for the MLP of its layers
     o_bias: bool = False
     activation: str = "silu"
     qk_norm: bool = False  # Qwen3, Gemma 3: RMSNorm over each head of q and k, before rotary
@@ -170,7 +170,7 @@ class DecoderLayer:
         i0, i1 = parallel.split_uneven(cfg.intermediate_size)
         self.inter, self.inter_range = i1 - i0, (i0, i1)
         self.act = ACTIVATIONS[cfg.activation]
-        self.moe = SparseMoe(cfg.moe, weights, p, (i0, i1), self.act) if cfg.moe else None
+        self.moe = SparseMoe(cfg.moe, weights, p, parallel, self.act) if cfg.moe and index in cfg.moe.layers else None
         if self.moe is None:
             self.gate_up_rows = projection_rows(
                 f"{p}.mlp", ("gate_proj", "up_proj"), "gate_up_proj" if cfg.fused_projections else None,
@@ -296,7 +296,7 @@ class DecoderModel:
                 "v_proj": ModuleShape(hidden, kv_full, "out", *layer.kv_range),
             }
         shapes["o_proj"] = ModuleShape(q_full, hidden, "in", *layer.q_range)
-        if self.cfg.moe is not None:  # the experts take no adapters
+        if self.cfg.moe is not None:  # MLPs take no adapters where some layers have experts
             return shapes
         if self.cfg.fused_projections:
             shapes["gate_up_proj"] = fused_shape(hidden, 2 * inter, layer.gate_up_rows)

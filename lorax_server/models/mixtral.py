@@ -14,6 +14,9 @@ def read_config(cfg: dict) -> DecoderConfig:
     moe = MoeConfig(
         num_experts=int(cfg["num_local_experts"]),
         top_k=int(cfg["num_experts_per_tok"]),
+        intermediate_size=int(cfg["intermediate_size"]),
+        normalize_top_k=True,
+        layers=tuple(range(cfg["num_hidden_layers"])),
         router="block_sparse_moe.gate",
         expert="block_sparse_moe.experts.{}",
         projections=("w1", "w3", "w2"),
