@@ -63,16 +63,7 @@ class SparseMoe:
             weights.linear_rows([(f"{e}.{gate}", *inter), (f"{e}.{up}", *inter)]) for e in experts
         ]
         self.down: list[Linear | QuantizedLinear] = [weights.linear_cols(f"{e}.{down}", *inter) for e in experts]
-        self.shared = None
-        if cfg.shared is not None:
-            s0, s1 = parallel.split_uneven(cfg.shared.intermediate_size)
-            shared = f"{prefix}.{cfg.shared.prefix}"
-            self.shared = (
-                weights.get(f"{prefix}.{cfg.shared.gate}.weight"),
-                weights.linear_rows([(f"{shared}.gate_proj", s0, s1), (f"{shared}.up_proj", s0, s1)]),
-                weights.linear_cols(f"{shared}.down_proj", s0, s1),
-                s1 - s0,
-            )
+        self.shared = None if cfg.shared is None else GatedSharedExpert(cfg.shared, weights, prefix, parallel, act)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each token's top-k experts [T, k] and their weights [T, k] (float32): softmax over all experts, the top
@@ -98,8 +89,23 @@ class SparseMoe:
                 y = self.down[expert](self.act(gate) * up) * choice_weights[start : start + count, None]
                 out.index_add_(0, rows, y.to(out.dtype))
             start += count
-        if self.shared is not None:
-            gate_weight, gate_up, down, inter = self.shared
-            gate, up = gate_up(x).split([inter, inter], dim=-1)
-            out = out + torch.sigmoid(F.linear(x, gate_weight)) * down(self.act(gate) * up)
-        return out
+        return out if self.shared is None else out + self.shared(x)
+
+
+class GatedSharedExpert:
+    """This rank's slice of Qwen2-MoE's shared expert (split like a dense MLP) and its whole gate."""
+
+    def __init__(
+        self, cfg: SharedExpert, weights: Weights, prefix: str, parallel: Parallel,
+        act: Callable[[torch.Tensor], torch.Tensor],
+    ):
+        start, stop = parallel.split_uneven(cfg.intermediate_size)
+        mlp = f"{prefix}.{cfg.prefix}"
+        self.act, self.inter = act, stop - start
+        self.gate = weights.get(f"{prefix}.{cfg.gate}.weight")
+        self.gate_up = weights.linear_rows([(f"{mlp}.gate_proj", start, stop), (f"{mlp}.up_proj", start, stop)])
+        self.down = weights.linear_cols(f"{mlp}.down_proj", start, stop)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).split([self.inter, self.inter], dim=-1)
+        return torch.sigmoid(F.linear(x, self.gate)) * self.down(self.act(gate) * up)
