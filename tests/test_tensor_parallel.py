@@ -90,13 +90,16 @@ class ThreadParallel(Parallel):
 
 
 @pytest.mark.parametrize("family,targets,sizes", [
+    ("qwen3", (["q_proj", "k_proj", "v_proj"], ["o_proj", "gate_proj", "down_proj"]), {}),
+    ("gemma2", (["q_proj", "o_proj"], ["up_proj", "down_proj"]), {}),
     ("phi3", (["qkv_proj"], ["gate_up_proj", "o_proj", "down_proj"]), {}),
     ("mixtral", (["q_proj", "k_proj", "v_proj"], ["o_proj"]), {}),
     ("qwen2-moe", (["q_proj", "k_proj", "v_proj"], ["o_proj"]),
      dict(moe_intermediate_size=49, shared_expert_intermediate_size=81)),
 ])
 def test_two_ranks_with_adapters_equal_peft(family, targets, sizes, tmp_path, monkeypatch):
-    """Two ranks on an odd vocabulary and intermediate size, two adapters and the base model in one batch. Phi-3:
+    """Two ranks on an odd vocabulary and intermediate size, two adapters and the base model in one batch (Qwen3: its
+    per-head q/k norms over the one KV head each rank keeps; Gemma 2: soft-capping, alternating windows). Phi-3:
     fused qkv_proj / gate_up_proj sliced part by part, adapters on them too; MoE: each expert (and Qwen2-MoE's shared
     one) split unevenly."""
     from peft import PeftModel
@@ -108,7 +111,7 @@ def test_two_ranks_with_adapters_equal_peft(family, targets, sizes, tmp_path, mo
 
     monkeypatch.setenv("LORAX_LOCAL_ADAPTER_ROOTS", str(tmp_path))
     reference, tok = make_family_model(family, tmp_path / "base", vocab_size=321, intermediate_size=129, **sizes)
-    if family != "phi3":  # transformers' default grouped matmul refuses experts of odd feature counts
+    if family in ("mixtral", "qwen2-moe"):  # transformers' default grouped matmul refuses experts of odd feature counts
         reference.set_experts_implementation("eager")
     adapters = [make_adapter(reference, tmp_path / "a1", 1, 8, 16, targets[0]),
                 make_adapter(reference, tmp_path / "a2", 2, 4, 8, targets[1])]
