@@ -324,16 +324,25 @@ def test_rotary_tables_equal_transformers_rotary_embedding(params):
         torch.testing.assert_close(rotary.sin[position, 8:], sin[0, 0, 8:], rtol=1e-5, atol=1e-5)
 
 
+TWO_SHARD_TARGETS = {
+    "gemma2": ["q_proj", "v_proj", "o_proj", "down_proj"],
+    "phi3": ["qkv_proj", "o_proj", "gate_up_proj"],
+    "mixtral": ["q_proj", "v_proj", "o_proj"],
+}
+
+
 @pytest.mark.e2e
-def test_gemma2_on_two_shards_matches_transformers_and_peft(tmp_path):
-    """Heads, KV heads, the MLP and the vocabulary split over two gloo ranks; soft-caps and windows per rank."""
+@pytest.mark.parametrize("family", list(TWO_SHARD_TARGETS))
+def test_two_shards_match_transformers_and_peft(family, tmp_path):
+    """Heads, KV heads, the MLP (Phi-3's fused projections part by part, each Mixtral expert) and the vocabulary split
+    over two gloo ranks through the launcher; Gemma 2's soft-caps and windows per rank."""
     from concurrent.futures import ThreadPoolExecutor
 
     from tests.e2e import Launcher
     from tests.test_e2e_serving import expected_tokens, generate
 
-    reference, _ = make_family_model("gemma2", tmp_path / "base")
-    adapter = make_adapter(reference, tmp_path / "adapter", 3, 8, 16, ["q_proj", "v_proj", "o_proj", "down_proj"])
+    reference, _ = make_family_model(family, tmp_path / "base")
+    adapter = make_adapter(reference, tmp_path / "adapter", 3, 8, 16, TWO_SHARD_TARGETS[family])
     launcher = Launcher(str(tmp_path / "base"), tmp_path, "--num-shard", "2", "--max-input-length", "32",
                         "--max-total-tokens", "64").wait_ready()
     try:
