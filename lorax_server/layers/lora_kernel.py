@@ -62,7 +62,7 @@ def cpu_op():
         # -march=native: built where it runs (the cache lives on this machine), so it may use every vector unit
         cpp_extension.load_inline(
             name="lorax_lora_cpu", cpp_sources=[_schema_source()], is_python_module=False,
-            extra_cflags=["-O3", "-march=native", "-fopenmp-simd", "-std=c++17"],
+            extra_cflags=["-O3", "-march=native", "-fopenmp", "-std=c++17"], extra_ldflags=["-fopenmp"],
         )
         _cpu_op = torch.ops.lorax.lora_apply
     return _cpu_op
