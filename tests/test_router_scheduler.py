@@ -98,6 +98,31 @@ def test_at_most_max_active_adapters_and_idle_ones_give_way():
     run(scenario())
 
 
+def test_idle_adapters_stay_loaded_while_there_is_room():
+    async def scenario():
+        client, clock = FakeAdapterClient(), Clock()
+        scheduler = Scheduler(client, max_active_adapters=3, adapter_cycle_time_s=2, clock=clock)
+        first = scheduler.append(make_request(2, 2, "a"))
+        await settle()
+        scheduler.update_adapters(set())
+        await settle()
+        assert scheduler.next_entry() is first  # a is now idle
+        clock.now += 3  # and past its cycle time
+        scheduler.append(make_request(2, 2, "b"))
+        await settle()
+        scheduler.update_adapters(set())
+        await settle()
+        assert scheduler.active_indices() == [1, 2] and client.loaded == {1, 2}, "room for both: nothing offloaded"
+        scheduler.append(make_request(2, 2, "c"))
+        scheduler.append(make_request(2, 2, "d"))
+        await settle()
+        scheduler.update_adapters(set())
+        await settle()
+        assert 1 not in scheduler.active_indices() and len(scheduler.active_indices()) == 3, "full: the idle one goes"
+
+    run(scenario())
+
+
 def test_a_slow_download_does_not_block_the_adapters_behind_it():
     async def scenario():
         client = FakeAdapterClient(delays={"slow": 30})
