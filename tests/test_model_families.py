@@ -325,6 +325,7 @@ def test_rotary_tables_equal_transformers_rotary_embedding(params):
 
 
 TWO_SHARD_TARGETS = {
+    "qwen3": ["q_proj", "k_proj", "v_proj", "gate_proj"],
     "gemma2": ["q_proj", "v_proj", "o_proj", "down_proj"],
     "phi3": ["qkv_proj", "o_proj", "gate_up_proj"],
     "mixtral": ["q_proj", "v_proj", "o_proj"],
