@@ -43,6 +43,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger("router")
 
 GRACEFUL_SHUTDOWN_S = 30
+# Idle keep-alive connections are held longer than the usual load-balancer idle timeout (60 s): a server that closes
+# them first (uvicorn's default is 5 s) races clients and proxies reusing them, which see a reset instead of a reply.
+KEEP_ALIVE_S = 75
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -275,7 +278,8 @@ async def serve(args: argparse.Namespace, tokenizer: Tokenizer) -> None:
         router = await build_router(args, tokenizer, client)
         sock = bind_socket(args.hostname, args.port)
         server = uvicorn.Server(
-            uvicorn.Config(router.app, log_config=None, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, access_log=False)
+            uvicorn.Config(router.app, log_config=None, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, access_log=False,
+                           timeout_keep_alive=KEEP_ALIVE_S)
         )
         # uvicorn re-raises the signal it handled once it is done; by then that must be a no-op so cleanup runs.
         for sig in (signal.SIGINT, signal.SIGTERM):

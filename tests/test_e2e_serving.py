@@ -120,3 +120,23 @@ def test_sigterm_leaves_no_process(tmp_path):
     time.sleep(0.5)
     alive = [p for p in children if os.path.exists(f"/proc/{p}") and "zombie" not in open(f"/proc/{p}/status").read().lower()]
     assert alive == [], launcher.output()
+
+
+def test_idle_keep_alive_connections_outlive_the_default_five_seconds(served):
+    """A client or proxy reusing an idle connection must not race the server closing it (uvicorn closes after 5 s
+    by default; load balancers keep theirs 60 s)."""
+    import http.client
+    from urllib.parse import urlparse
+
+    launcher = served[0]
+    url = urlparse(launcher.url)
+    connection = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
+    try:
+        for pause in (0, 6.5):
+            time.sleep(pause)
+            connection.request("GET", "/health")  # raises RemoteDisconnected if the server closed the connection
+            response = connection.getresponse()
+            response.read()
+            assert response.status == 200
+    finally:
+        connection.close()
