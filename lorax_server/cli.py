@@ -27,7 +27,7 @@ def main() -> None:
 @click.option("--revision", default=None)
 @click.option("--sharded", is_flag=True, help="Part of a tensor-parallel group (RANK/WORLD_SIZE from env).")
 @click.option("--quantize", type=click.Choice(QUANTIZE), default=None)
-@click.option("--compile", "compile_", is_flag=True, help="Accepted; CUDA graphs are not used by this server.")
+@click.option("--compile", "compile_", is_flag=True, help="Accepted for compatibility; not implemented yet (a warning says so).")
 @click.option("--dtype", type=click.Choice(["float16", "bfloat16"]), default=None)
 @click.option("--trust-remote-code", is_flag=True, help="Run code shipped with the checkpoint (transformers-backed path only).")
 @click.option("--uds-path", default="/tmp/lorax-server", help="Socket base path; the rank is appended.")
@@ -47,6 +47,8 @@ def serve(model_id, adapter_id, revision, sharded, quantize, compile_, dtype, tr
     from lorax_server.server import model_thread, serve as serve_grpc
 
     parallel, device = dist.initialize()
+    if compile_:
+        logger.warning("--compile has no effect yet: the model runs eagerly (no CUDA graphs, no torch.compile)")
     provider = None
     if otlp_endpoint:
         provider = tracing.otlp_provider(otlp_endpoint, tracing.SHARD_SERVICE)

@@ -51,10 +51,12 @@ def test_out_of_range_ids_and_lengths_fail_their_batch_before_the_forward(tiny_m
 
 def test_max_total_tokens_beyond_the_model_positions_stops_the_launcher(tiny_model_dir, tmp_path):
     folder, _ = tiny_model_dir
-    launcher = Launcher(str(folder), tmp_path, "--max-input-length", "32", "--max-total-tokens", "1024")
+    launcher = Launcher(str(folder), tmp_path, "--max-input-length", "32", "--max-total-tokens", "1024", "--compile")
     try:
         with pytest.raises(RuntimeError, match="launcher exited") as failure:
             launcher.wait_ready(timeout=120)
         assert "exceed the model's 512 positions (max_position_embeddings); lower --max-total-tokens" in str(failure.value)
+        launcher.log.seek(0)
+        assert "--compile has no effect yet" in launcher.log.read(), "an accepted but unimplemented flag says so"
     finally:
         launcher.stop()
