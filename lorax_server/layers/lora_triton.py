@@ -18,14 +18,21 @@ _BLOCK_N = 128
 
 
 @triton.jit
+def _token_rows(rows_ptr, slot_ptr, t, width, rows_stride, W: tl.constexpr):
+    """Token t's slot, the rank positions 0..W-1, its pool rows there and which of them are real (the row table pads
+    with -1; base-model tokens, slot -1, read no rows)."""
+    slot = tl.load(slot_ptr + t)
+    r = tl.arange(0, W)
+    in_rank = r < tl.where(slot >= 0, width, 0)
+    row = tl.load(rows_ptr + tl.maximum(slot, 0) * rows_stride + r, mask=in_rank, other=-1)
+    return slot, r, row, in_rank & (row >= 0)
+
+
+@triton.jit
 def _shrink(x_ptr, a_ptr, rows_ptr, slot_ptr, xa_ptr, in_features, width, x_stride, a_stride, rows_stride,
             W: tl.constexpr, BLOCK_K: tl.constexpr):
     t = tl.program_id(0)
-    slot = tl.load(slot_ptr + t)
-    r = tl.arange(0, W)
-    in_rank = r < tl.where(slot >= 0, width, 0)  # base-model tokens (slot -1) read no rows
-    row = tl.load(rows_ptr + tl.maximum(slot, 0) * rows_stride + r, mask=in_rank, other=-1)
-    valid = in_rank & (row >= 0)
+    _, r, row, valid = _token_rows(rows_ptr, slot_ptr, t, width, rows_stride, W)
     row_start = tl.maximum(row, 0).to(tl.int64) * a_stride
     acc = tl.zeros((W,), dtype=tl.float32)
     for k0 in range(0, in_features, BLOCK_K):
@@ -42,11 +49,7 @@ def _expand(xa_ptr, b_ptr, rows_ptr, slot_ptr, y_ptr, out_features, width, y_str
             rows_stride, W: tl.constexpr, BLOCK_N: tl.constexpr):
     t = tl.program_id(0)
     block = tl.program_id(1)
-    slot = tl.load(slot_ptr + t)
-    r = tl.arange(0, W)
-    in_rank = r < tl.where(slot >= 0, width, 0)  # base-model tokens (slot -1) read no rows
-    row = tl.load(rows_ptr + tl.maximum(slot, 0) * rows_stride + r, mask=in_rank, other=-1)
-    valid = in_rank & (row >= 0)
+    slot, r, row, valid = _token_rows(rows_ptr, slot_ptr, t, width, rows_stride, W)
     xa = tl.load(xa_ptr + t * W + r, mask=valid, other=0.0)
     n = block * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < out_features
