@@ -134,3 +134,29 @@ def test_flash_prefill_equals_the_masked_path(window, monkeypatch):
     masked, meta = run()
     assert meta.mask is not None
     assert (flash.float() - masked.float()).abs().max() < 2e-2
+
+
+@pytest.mark.parametrize("window", [None, 20])
+def test_flash_decode_equals_the_gathered_path(window, monkeypatch):
+    from lorax_server.layers import attention, flash_decode
+
+    assert flash_decode.usable(CUDA), "torch's paged flash kernel should run on this GPU"
+    kv_lens = torch.tensor([1, 40, 17, 33], device=CUDA)
+    gen = torch.Generator(device=CUDA).manual_seed(0)
+    heads, kv_heads, dim, blocks = 8, 2, 64, 16
+    q, k, v = (torch.randn(4, h, dim, generator=gen, device=CUDA, dtype=torch.bfloat16) for h in (heads, kv_heads, kv_heads))
+    tables = torch.tensor([[5, 0, 0], [1, 9, 3], [12, 2, 0], [7, 15, 11]], device=CUDA)  # scattered blocks
+    cache0 = torch.randn(2, kv_heads, blocks * 16, dim, generator=gen, device=CUDA, dtype=torch.bfloat16)
+
+    def run() -> torch.Tensor:
+        cache = cache0.clone()
+        meta = attention.build_metadata(torch.ones_like(kv_lens), kv_lens, tables, 16, window, 1, 40)
+        return attention.paged_attention(q, k, v, cache, meta, dim**-0.5), meta, cache
+
+    flash, meta, cache_flash = run()
+    assert meta.paged is not None and meta.mask is None, "CUDA decode builds no mask and gathers nothing"
+    monkeypatch.setattr(flash_decode, "usable", lambda device: False)
+    gathered, meta, cache_gathered = run()
+    assert meta.paged is None
+    assert torch.equal(cache_flash, cache_gathered), "both paths write the new keys and values alike"
+    assert (flash.float() - gathered.float()).abs().max() < 2e-2

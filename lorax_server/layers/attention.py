@@ -5,6 +5,8 @@ Keys and values are gathered a whole block at a time (one contiguous copy per bl
 and requests of different lengths are handled by masking, so there is no Python loop over requests. Prefill
 (many query tokens) uses the fused SDPA kernel; decode (one query per request) uses two batched matmuls over
 (kv head, request) with a float32 softmax: on CPU that is several times faster than SDPA for a single query.
+On CUDA, FlashAttention kernels take over where they pass their start-up check: prefill over the prompts' own keys
+(`flash_prefill.py`) and decode reading the cache blocks in place (`flash_decode.py`), neither with a dense mask.
 Layers with their own sliding window (Gemma's alternating local/global layers) narrow the shared mask, once per
 forward and window; tanh soft-capping of the scores (Gemma 2), which SDPA cannot do, takes the explicit path.
 """
@@ -16,7 +18,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from lorax_server.layers import flash_prefill
+from lorax_server.layers import flash_decode, flash_prefill
 
 
 @dataclass
@@ -34,7 +36,9 @@ class AttentionMetadata:
     query_positions: torch.Tensor  # [B, Q] absolute position of each request's i-th query (padding -> 0)
     build_mask: Callable[[], torch.Tensor] | None = None  # the dense mask, for layers that need it after all
     cu_seqlens: torch.Tensor | None = None  # [B+1] int32 prompt starts: CUDA prefill reads each prompt's own K/V
+    paged: tuple[torch.Tensor, torch.Tensor] | None = None  # int32 (block table, kv lens): CUDA decode reads in place
     max_query: int = 1
+    max_kv: int = 0
     sliding_window: int | None = None
     _key_rows: torch.Tensor | None = None
     _windowed: dict = field(default_factory=dict)
@@ -53,16 +57,22 @@ class AttentionMetadata:
         positions; built once per forward and window. Padded queries keep key 0 (0 > -window)."""
         if self.mask is None:
             self.mask = self.build_mask()
+            if self.max_query == 1:
+                self.decode_bias = _decode_bias(self.mask)
         if window is None:
             return self.mask, self.decode_bias
         if window not in self._windowed:
             keys = torch.arange(self.mask.shape[-1], device=self.mask.device)
             mask = self.mask & (keys > self.query_positions[:, None, :, None] - window)
-            bias = None
-            if self.decode_bias is not None:
-                bias = torch.zeros_like(self.decode_bias).masked_fill_(~mask[:, 0], float("-inf"))
-            self._windowed[window] = mask, bias
+            self._windowed[window] = mask, _decode_bias(mask) if self.max_query == 1 else None
         return self._windowed[window]
+
+
+def _decode_bias(mask: torch.Tensor) -> torch.Tensor:
+    """[B, 1, K] float32 0 / -inf from a one-query [B, 1, 1, K] mask: what decode attention adds to its scores."""
+    return torch.zeros(mask.shape[:1] + mask.shape[2:], dtype=torch.float32, device=mask.device).masked_fill_(
+        ~mask[:, 0], float("-inf")
+    )
 
 
 def build_metadata(
@@ -106,11 +116,13 @@ def build_metadata(
         mask[:, :, 0] |= ~q_valid  # padded queries attend to one key so the softmax stays finite
         return mask.unsqueeze(1)
 
-    mask, decode_bias, cu_seqlens = None, None, None
-    if max_query == 1:
+    key_blocks = block_tables[:, :num_blocks].contiguous()
+    mask, decode_bias, cu_seqlens, paged = None, None, None, None
+    if max_query == 1 and flash_decode.usable(device):  # no mask: the kernel reads each request's blocks in place
+        paged = key_blocks.to(torch.int32), kv_lens.to(torch.int32)
+    elif max_query == 1:
         mask = build_mask()
-        decode_bias = torch.zeros(mask.shape[:1] + mask.shape[2:], dtype=torch.float32, device=device)
-        decode_bias.masked_fill_(~mask[:, 0], float("-inf"))
+        decode_bias = _decode_bias(mask)
     elif flash_prefill.usable(device):  # no dense [B, Q, K] mask: each prompt attends to its own keys
         cu_seqlens = F.pad(torch.cumsum(query_lens, 0), (1, 0)).to(torch.int32)
     else:
@@ -120,14 +132,16 @@ def build_metadata(
         slot_mapping=slot_mapping,
         query_index=query_index,
         output_index=output_index,
-        key_blocks=block_tables[:, :num_blocks].contiguous(),
+        key_blocks=key_blocks,
         block_size=block_size,
         mask=mask,
         decode_bias=decode_bias,
         query_positions=q_pos_safe,
         build_mask=build_mask,
         cu_seqlens=cu_seqlens,
+        paged=paged,
         max_query=max_query,
+        max_kv=max_kv,
         sliding_window=sliding_window,
     )
 
@@ -185,9 +199,11 @@ def paged_attention(
     kv_heads = k.shape[1]
     new = torch.cat([k, v], dim=1).transpose(0, 1)  # [2 * Hkv, T, D]
     kv_cache.view(2 * kv_heads, -1, k.shape[2]).index_copy_(1, meta.slot_mapping, new)
+    windows = [w for w in (meta.sliding_window, window) if w]
+    if meta.paged is not None and softcap is None and flash_decode.supports(q.dtype, q.shape[-1]):
+        return flash_decode.attend(q, kv_cache, *meta.paged, meta.max_kv, meta.block_size, scale, min(windows, default=None))
     if meta.cu_seqlens is not None and softcap is None and flash_prefill.supports(q.dtype, q.shape[-1]):
-        windows = [w for w in (meta.sliding_window, window) if w]
-        return flash_prefill.attend(q, k, v, meta.cu_seqlens, meta.max_query, scale, min(windows) if windows else None)
+        return flash_prefill.attend(q, k, v, meta.cu_seqlens, meta.max_query, scale, min(windows, default=None))
     gathered = _gather_blocks(kv_cache, meta)
     keys, values = gathered[:kv_heads], gathered[kv_heads:]
     mask, decode_bias = meta.masks(window)
