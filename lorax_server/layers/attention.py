@@ -5,8 +5,10 @@ Keys and values are gathered a whole block at a time (one contiguous copy per bl
 and requests of different lengths are handled by masking, so there is no Python loop over requests. Prefill
 (many query tokens) uses the fused SDPA kernel; decode (one query per request) uses two batched matmuls over
 (kv head, request) with a float32 softmax: on CPU that is several times faster than SDPA for a single query.
-On CUDA, FlashAttention kernels take over where they pass their start-up check: prefill over the prompts' own keys
-(`flash_prefill.py`) and decode reading the cache blocks in place (`flash_decode.py`), neither with a dense mask.
+Decode reads each request's cache blocks in place, with no copy and no mask, where a kernel for the device and
+dtype exists: on CPU a small C++ kernel for float32 (`cpu_decode.py`), on CUDA FlashAttention's paged kernel
+(`flash_decode.py`, after a start-up check); prefill on CUDA takes FlashAttention over the prompts' own keys
+(`flash_prefill.py`). The gathered path above stays for the rest and for prefill on CPU.
 Layers with their own sliding window (Gemma's alternating local/global layers) narrow the shared mask, once per
 forward and window; tanh soft-capping of the scores (Gemma 2), which SDPA cannot do, takes the explicit path.
 """
@@ -18,7 +20,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from lorax_server.layers import flash_decode, flash_prefill
+from lorax_server.layers import cpu_decode, flash_decode, flash_prefill
 
 
 @dataclass
@@ -36,7 +38,7 @@ class AttentionMetadata:
     query_positions: torch.Tensor  # [B, Q] absolute position of each request's i-th query (padding -> 0)
     build_mask: Callable[[], torch.Tensor] | None = None  # the dense mask, for layers that need it after all
     cu_seqlens: torch.Tensor | None = None  # [B+1] int32 prompt starts: CUDA prefill reads each prompt's own K/V
-    paged: tuple[torch.Tensor, torch.Tensor] | None = None  # int32 (block table, kv lens): CUDA decode reads in place
+    paged: tuple[torch.Tensor, torch.Tensor] | None = None  # (block table, kv lens): decode reads blocks in place
     max_query: int = 1
     max_kv: int = 0
     sliding_window: int | None = None
@@ -118,8 +120,9 @@ def build_metadata(
 
     key_blocks = block_tables[:, :num_blocks].contiguous()
     mask, decode_bias, cu_seqlens, paged = None, None, None, None
-    if max_query == 1 and flash_decode.usable(device):  # no mask: the kernel reads each request's blocks in place
-        paged = key_blocks.to(torch.int32), kv_lens.to(torch.int32)
+    if max_query == 1 and (device.type == "cpu" or flash_decode.usable(device)):  # no mask: blocks read in place
+        index = torch.int64 if device.type == "cpu" else torch.int32
+        paged = key_blocks.to(index), kv_lens.to(index)
     elif max_query == 1:
         mask = build_mask()
         decode_bias = _decode_bias(mask)
@@ -200,8 +203,12 @@ def paged_attention(
     new = torch.cat([k, v], dim=1).transpose(0, 1)  # [2 * Hkv, T, D]
     kv_cache.view(2 * kv_heads, -1, k.shape[2]).index_copy_(1, meta.slot_mapping, new)
     windows = [w for w in (meta.sliding_window, window) if w]
-    if meta.paged is not None and softcap is None and flash_decode.supports(q.dtype, q.shape[-1]):
-        return flash_decode.attend(q, kv_cache, *meta.paged, meta.max_kv, meta.block_size, scale, min(windows, default=None))
+    if meta.paged is not None:  # decode, where a kernel reads the blocks in place (else the masks are built now)
+        seen = min(windows, default=None)  # the keys a query sees: the narrower of the shared and the layer's window
+        if q.device.type == "cpu" and cpu_decode.supports(q.dtype):
+            return cpu_decode.attend(q, kv_cache, *meta.paged, meta.block_size, scale, seen, softcap)
+        if q.device.type == "cuda" and softcap is None and flash_decode.supports(q.dtype, q.shape[-1]):
+            return flash_decode.attend(q, kv_cache, *meta.paged, meta.max_kv, meta.block_size, scale, seen)
     if meta.cu_seqlens is not None and softcap is None and flash_prefill.supports(q.dtype, q.shape[-1]):
         return flash_prefill.attend(q, k, v, meta.cu_seqlens, meta.max_query, scale, min(windows, default=None))
     gathered = _gather_blocks(kv_cache, meta)

@@ -12,11 +12,11 @@ of tokens (`lora_apply_reference`); tests compare all three.
 from __future__ import annotations
 
 import logging
-import os
-import sys
 from pathlib import Path
 
 import torch
+
+from lorax_server.layers import cpp_build
 
 logger = logging.getLogger(__name__)
 
@@ -24,16 +24,6 @@ _SOURCE = Path(__file__).with_name("lora_cpu.cpp")
 _REFERENCE_CHUNK = 256  # tokens per gathered chunk: bounds the [chunk, rank, features] copies of the fallback
 _cpu_op = None
 _device_op = None
-
-
-def _schema_source() -> str:
-    return (
-        _SOURCE.read_text()
-        + '\nTORCH_LIBRARY(lorax, m) {\n'
-        + '  m.def("lora_apply(Tensor(a!) y, Tensor x, Tensor token_slot, Tensor[] a, Tensor[] b, Tensor[] rows, '
-        + 'int[] out_start, int layer) -> ()");\n'
-        + '  m.impl("lora_apply", torch::kCPU, &lora_apply);\n}\n'
-    )
 
 
 def device_op():
@@ -52,18 +42,9 @@ def cpu_op():
     """torch.ops.lorax.lora_apply, built on first use (about a minute once per machine, then loaded from cache)."""
     global _cpu_op
     if _cpu_op is None:
-        from torch.utils import cpp_extension
-
-        # the `ninja` wheel installs its binary beside this interpreter, which need not be on PATH (no venv activated)
-        bin_dir = os.path.dirname(sys.executable)
-        if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
-            os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
-
-        # -march=native: built where it runs (the cache lives on this machine), so it may use every vector unit
-        cpp_extension.load_inline(
-            name="lorax_lora_cpu", cpp_sources=[_schema_source()], is_python_module=False,
-            extra_cflags=["-O3", "-march=native", "-fopenmp", "-std=c++17"], extra_ldflags=["-fopenmp"],
-        )
+        schema = ("(Tensor(a!) y, Tensor x, Tensor token_slot, Tensor[] a, Tensor[] b, Tensor[] rows, int[] out_start, "
+                  "int layer) -> ()")
+        cpp_build.load("lorax_lora_cpu", _SOURCE, "lorax", {"lora_apply": schema})
         _cpu_op = torch.ops.lorax.lora_apply
     return _cpu_op
 

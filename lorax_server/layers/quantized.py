@@ -8,13 +8,12 @@ codes are read from memory. Elsewhere (CUDA, other dtypes) the weight is dequant
 """
 from __future__ import annotations
 
-import os
-import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from lorax_server.layers import cpp_build
 from lorax_server.quantization.grouped import GroupedWeight
 
 _SOURCE = Path(__file__).with_name("quant_cpu.cpp")
@@ -26,25 +25,10 @@ def cpu_op():
     """torch.ops.lorax_quant.quant_linear, built on first use and cached on this machine."""
     global _cpu_op
     if _cpu_op is None:
-        from torch.utils import cpp_extension
-
-        bin_dir = os.path.dirname(sys.executable)  # where the `ninja` wheel puts its binary
-        if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
-            os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
-        source = _SOURCE.read_text() + (
-            '\nTORCH_LIBRARY(lorax_quant, m) {\n'
-            '  m.def("quant_linear(Tensor x, Tensor codes, Tensor table, Tensor scale, Tensor zero, int bits, '
-            'int group, int out_features) -> Tensor");\n'
-            '  m.impl("quant_linear", torch::kCPU, &quant_linear);\n}\n'
-        )
-        # -fopenmp: at::parallel_for is inline OpenMP, serial without it; the vector width and FMA contraction
-        # are what the kernel is written for
-        cpp_extension.load_inline(
-            name="lorax_quant_cpu", cpp_sources=[source], is_python_module=False,
-            extra_cflags=["-O3", "-march=native", "-mprefer-vector-width=512", "-ffp-contract=fast", "-fopenmp",
-                          "-std=c++17"],
-            extra_ldflags=["-fopenmp"],
-        )
+        schema = "(Tensor x, Tensor codes, Tensor table, Tensor scale, Tensor zero, int bits, int group, int out_features) -> Tensor"
+        # the vector width and FMA contraction are what the kernel is written for
+        cpp_build.load("lorax_quant_cpu", _SOURCE, "lorax_quant", {"quant_linear": schema},
+                       ("-mprefer-vector-width=512", "-ffp-contract=fast"))
         _cpu_op = torch.ops.lorax_quant.quant_linear
     return _cpu_op
 

@@ -1,0 +1,95 @@
+// Decode attention on the CPU straight from the paged KV cache: one new query token per request.
+//
+// For request b and query head h (reading KV head h / group), with n = kv_lens[b] keys and the first key the
+// window lets it see, `first` (0 without a window):
+//     scores[t] = cap(q[b, h] . K[slot(b, t)] * scale)      for t in [first, n)
+//     out[b, h] = sum_t softmax(scores)[t] * V[slot(b, t)]
+// where slot(b, t) = block_table[b, t / block] * block + t % block, and cap(s) = tanh(s / softcap) * softcap when
+// softcap > 0. The keys are read where they lie in the cache: nothing is gathered or padded to the longest request,
+// and no mask exists. Softmax runs in float32. Work items are (request, KV head) pairs over torch's threads; the
+// query heads sharing a KV head are done together, so each key and value row is read from memory once.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <vector>
+
+namespace {
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];
+  return acc;
+}
+
+inline void axpy(float* y, float a, const float* x, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
+}
+
+}  // namespace
+
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& cache, const at::Tensor& block_table,
+                            const at::Tensor& kv_lens, int64_t block, double scale, int64_t window, double softcap) {
+  TORCH_CHECK(q.scalar_type() == at::kFloat && cache.scalar_type() == at::kFloat, "decode_attention: float32 only");
+  TORCH_CHECK(q.dim() == 3 && cache.dim() == 4 && cache.size(0) == 2, "decode_attention: q [B, H, D], cache [2, Hkv, S, D]");
+  auto qc = q.contiguous();
+  auto table = block_table.to(at::kLong).contiguous();
+  auto lens = kv_lens.to(at::kLong).contiguous();
+  const int64_t batch = qc.size(0), heads = qc.size(1), dim = qc.size(2);
+  const int64_t kv_heads = cache.size(1), slots = cache.size(2), blocks_per_row = table.size(1);
+  TORCH_CHECK(heads % kv_heads == 0 && cache.size(3) == dim && cache.is_contiguous(), "decode_attention: shapes");
+  const int64_t group = heads / kv_heads;
+  auto out = at::empty({batch, heads * dim}, qc.options());
+  const float* qp = qc.data_ptr<float>();
+  const float* keys = cache.data_ptr<float>();
+  const float* values = keys + kv_heads * slots * dim;
+  const int64_t* tp = table.data_ptr<int64_t>();
+  const int64_t* lp = lens.data_ptr<int64_t>();
+  float* op = out.data_ptr<float>();
+  const float fscale = static_cast<float>(scale), cap = static_cast<float>(softcap);
+
+  at::parallel_for(0, batch * kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / kv_heads, kvh = item % kv_heads;
+      const int64_t n = lp[b];
+      const int64_t first = window > 0 ? std::max<int64_t>(0, n - window) : 0;
+      const int64_t count = n - first;
+      scores.assign(group * count, 0.f);
+      const float* qrow = qp + (b * heads + kvh * group) * dim;
+      const float* kbase = keys + kvh * slots * dim;
+      const float* vbase = values + kvh * slots * dim;
+      for (int64_t t = first; t < n; ++t) {
+        const int64_t slot = tp[b * blocks_per_row + t / block] * block + t % block;
+        const float* k = kbase + slot * dim;
+        for (int64_t g = 0; g < group; ++g) {
+          float s = dot(qrow + g * dim, k, dim) * fscale;
+          if (cap > 0.f) s = std::tanh(s / cap) * cap;
+          scores[g * count + (t - first)] = s;
+        }
+      }
+      for (int64_t g = 0; g < group; ++g) {
+        float* row = scores.data() + g * count;
+        float high = -INFINITY;
+        for (int64_t i = 0; i < count; ++i) high = std::max(high, row[i]);
+        float total = 0.f;
+        for (int64_t i = 0; i < count; ++i) {
+          row[i] = std::exp(row[i] - high);
+          total += row[i];
+        }
+        const float inv = 1.f / total;
+        for (int64_t i = 0; i < count; ++i) row[i] *= inv;
+      }
+      float* orow = op + (b * heads + kvh * group) * dim;
+      std::fill(orow, orow + group * dim, 0.f);
+      for (int64_t t = first; t < n; ++t) {
+        const int64_t slot = tp[b * blocks_per_row + t / block] * block + t % block;
+        const float* v = vbase + slot * dim;
+        for (int64_t g = 0; g < group; ++g) axpy(orow + g * dim, scores[g * count + (t - first)], v, dim);
+      }
+    }
+  });
+  return out;
+}
