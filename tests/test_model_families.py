@@ -1,6 +1,6 @@
-"""Qwen3, Granite, Gemma, Gemma 2, Gemma 3 (text), Phi-3, Mixtral and Qwen2/3-MoE on the shared decoder equal
-transformers (+ peft): logits of a mixed prefill and a decode step over the paged cache, greedy tokens of staggered
-batches, and two adapters in one batch. Rotary scaling types equal transformers' own init functions."""
+"""Qwen3, Granite, Gemma, Gemma 2, Gemma 3 (text), Phi-3, Mixtral, Qwen2/3-MoE, StableLM and Falcon on the shared
+decoder equal transformers (+ peft): logits of a mixed prefill and a decode step over the paged cache, greedy tokens
+of staggered batches, and two adapters in one batch. Rotary scaling types equal transformers' own init functions."""
 from __future__ import annotations
 
 import pytest
@@ -20,6 +20,8 @@ from tests.test_shard_exactness import PROMPTS, make_request, run_staggered
 from tests.tiny_models import make_adapter, make_model, make_tokenizer
 
 SLIDING_FULL = ["sliding_attention", "full_attention"]
+UNSET = object()  # a shared setting the family's config class has no field for (Falcon's head_dim is a property)
+NOT_LLAMA = dict(head_dim=UNSET, num_key_value_heads=UNSET, intermediate_size=UNSET)
 # family -> (config class, model class, settings that make its differences matter in a tiny model)
 FAMILIES = {
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {}),
@@ -48,6 +50,15 @@ FAMILIES = {
     "qwen2-moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(
         num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, shared_expert_intermediate_size=80,
         mlp_only_layers=[1])),
+    # parallel residual from one norm, q/k biases, a LayerNorm per q/k head, rotary over half of each head
+    "stablelm": ("StableLmConfig", "StableLmForCausalLM", dict(
+        partial_rotary_factor=0.5, use_qkv_bias=True, qk_layernorm=True, use_parallel_residual=True)),
+    "stablelm-sequential": ("StableLmConfig", "StableLmForCausalLM", {}),  # a quarter of each head rotated
+    # new architecture: each KV head's block [q, q, k, v] in query_key_value, two input norms, biases everywhere
+    "falcon": ("FalconConfig", "FalconForCausalLM", dict(
+        NOT_LLAMA, new_decoder_architecture=True, num_kv_heads=2, ffn_hidden_size=128, bias=True)),
+    "falcon-7b": ("FalconConfig", "FalconForCausalLM", dict(  # multi-query [q..., k, v], one input norm
+        NOT_LLAMA, multi_query=True, ffn_hidden_size=128)),
     # the Llama family's per-layer windows: Qwen2 slides only from layer max_window_layers on
     "qwen2-sliding": ("Qwen2Config", "Qwen2ForCausalLM", dict(
         use_sliding_window=True, sliding_window=4, max_window_layers=1)),
@@ -66,7 +77,7 @@ def make_family_model(family: str, folder, **overrides):
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.unk_token_id,
     )
     settings.update(extra, **overrides)
-    config = getattr(transformers, config_name)(**settings)
+    config = getattr(transformers, config_name)(**{k: v for k, v in settings.items() if v is not UNSET})
     model = getattr(transformers, model_name)(config).eval()
     with torch.no_grad():
         for p in model.parameters():
@@ -121,12 +132,14 @@ def test_greedy_tokens_match_transformers_with_mid_decode_joins(family, tmp_path
 
 ADAPTER_TARGETS = {  # family -> the two adapters' targets (default: the separate projections')
     "phi3": (["qkv_proj"], ["gate_up_proj", "o_proj", "down_proj"]),
+    "falcon": (["query_key_value"], ["dense", "dense_h_to_4h", "dense_4h_to_h"]),
     "mixtral": (["q_proj", "k_proj", "v_proj", "o_proj"], ["q_proj", "o_proj"]),  # attention only
     "qwen3-moe": (["q_proj", "k_proj", "v_proj", "o_proj"], ["q_proj", "o_proj"]),
 }
 
 
-@pytest.mark.parametrize("family", ["qwen3", "granite", "gemma", "gemma2", "gemma3", "phi3", "mixtral", "qwen3-moe"])
+@pytest.mark.parametrize("family", ["qwen3", "granite", "gemma", "gemma2", "gemma3", "phi3", "mixtral", "qwen3-moe",
+                                    "stablelm", "falcon"])
 def test_two_adapters_and_the_base_in_one_batch_match_peft(family, tmp_path, monkeypatch):
     monkeypatch.setenv("LORAX_LOCAL_ADAPTER_ROOTS", str(tmp_path))
     reference, tok = make_family_model(family, tmp_path / "base")
@@ -186,7 +199,7 @@ def test_family_configs_read_from_hub_style_config_json():
     phi3 = read_config({**base, "architectures": ["Phi3ForCausalLM"], "sliding_window": 8, "original_max_position_embeddings": 128,
                         "rope_scaling": {"type": "su", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8}})
     assert (phi3.rope["all"]["rope_type"], phi3.rope["all"]["original_max_position_embeddings"]) == ("longrope", 128)
-    assert phi3.fused_projections and phi3.sliding_window == 8
+    assert phi3.names.qkv == ("qkv_proj",) and phi3.sliding_window == 8
     yarn = {"type": "yarn", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8}  # transformers reads it as longrope
     assert read_config({**base, "architectures": ["Phi3ForCausalLM"], "rope_scaling": yarn}).rope["all"]["rope_type"] == "longrope"
     experts = dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=2, mlp_only_layers=[5])
@@ -204,6 +217,30 @@ def test_family_configs_read_from_hub_style_config_json():
         read_config({**base, "architectures": ["LlamaForCausalLM"], "hidden_act": "relu2"})
     with pytest.raises(ValueError, match="unsupported architecture 'GPT2LMHeadModel'.*Qwen3ForCausalLM.*Gemma3ForCausalLM"):
         read_config({**base, "architectures": ["GPT2LMHeadModel"]})
+
+
+def test_stablelm_and_falcon_configs_read_from_hub_style_config_json():
+    """StableLM configs without `partial_rotary_factor` rotate a quarter of each head; Falcon's fused-projection
+    layout, norms and KV heads follow new_decoder_architecture / multi_query / parallel_attn; the combinations
+    transformers cannot run are refused with the reason."""
+    stablelm = read_config({"architectures": ["StableLmForCausalLM"], "vocab_size": 32, "hidden_size": 64,
+                            "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+                            "rope_theta": 1e4, "layer_norm_eps": 1e-5})
+    assert stablelm.rope["all"]["partial_rotary_factor"] == 0.25 and stablelm.norm == "layer"
+    assert not (stablelm.qkv_bias or stablelm.qk_norm or stablelm.parallel_residual)
+    base = {"architectures": ["FalconForCausalLM"], "vocab_size": 32, "hidden_size": 64, "num_hidden_layers": 2,
+            "num_attention_heads": 4}
+    falcon_40b = read_config({**base, "new_decoder_architecture": True, "num_kv_heads": 2})
+    assert (falcon_40b.num_kv_heads, falcon_40b.qkv_grouped, falcon_40b.intermediate_size) == (2, True, 256)
+    assert (falcon_40b.names.input_norm, falcon_40b.names.mlp_norm, falcon_40b.tie_word_embeddings) == (
+        "ln_attn", "ln_mlp", True)
+    falcon_7b = read_config(base)  # multi_query and parallel_attn are Falcon's defaults
+    assert (falcon_7b.num_kv_heads, falcon_7b.qkv_grouped, falcon_7b.names.mlp_norm) == (1, False, None)
+    sequential = read_config({**base, "multi_query": False, "parallel_attn": False, "bias": True})
+    assert (sequential.num_kv_heads, sequential.qkv_grouped, sequential.parallel_residual) == (4, True, False)
+    assert sequential.names.mlp_norm == "post_attention_layernorm" and sequential.mlp_bias
+    with pytest.raises(ValueError, match="new decoder architecture with parallel_attn=false"):
+        read_config({**base, "new_decoder_architecture": True, "parallel_attn": False})
 
 
 def test_adapters_name_fused_modules_only_on_the_family_that_fuses_them(tmp_path, monkeypatch):

@@ -96,12 +96,17 @@ class ThreadParallel(Parallel):
     ("mixtral", (["q_proj", "k_proj", "v_proj"], ["o_proj"]), {}),
     ("qwen2-moe", (["q_proj", "k_proj", "v_proj"], ["o_proj"]),
      dict(moe_intermediate_size=49, shared_expert_intermediate_size=81)),
+    ("stablelm", (["q_proj", "k_proj", "v_proj"], ["o_proj", "gate_proj", "down_proj"]), {}),
+    ("falcon", (["query_key_value"], ["dense", "dense_h_to_4h", "dense_4h_to_h"]), dict(ffn_hidden_size=129)),
+    ("falcon-7b", (["query_key_value", "dense_4h_to_h"], ["dense", "dense_h_to_4h"]), dict(ffn_hidden_size=129)),
 ])
 def test_two_ranks_with_adapters_equal_peft(family, targets, sizes, tmp_path, monkeypatch):
     """Two ranks on an odd vocabulary and intermediate size, two adapters and the base model in one batch (Qwen3: its
     per-head q/k norms over the one KV head each rank keeps; Gemma 2: soft-capping, alternating windows). Phi-3:
     fused qkv_proj / gate_up_proj sliced part by part, adapters on them too; MoE: each expert (and Qwen2-MoE's shared
-    one) split unevenly."""
+    one) split unevenly. StableLM: per-head q/k LayerNorms of each rank's heads, one all-reduce for its parallel
+    residual. Falcon: query_key_value's KV-head blocks (base, bias and adapter B) split by heads; multi-query: the
+    one KV head on both ranks."""
     from peft import PeftModel
 
     from lorax_server.adapters.registry import AdapterKey, AdapterRegistry
@@ -110,7 +115,8 @@ def test_two_ranks_with_adapters_equal_peft(family, targets, sizes, tmp_path, mo
     from tests.test_model_families import make_family_model
 
     monkeypatch.setenv("LORAX_LOCAL_ADAPTER_ROOTS", str(tmp_path))
-    reference, tok = make_family_model(family, tmp_path / "base", vocab_size=321, intermediate_size=129, **sizes)
+    sizes = {"vocab_size": 321, "intermediate_size": 129, **sizes}
+    reference, tok = make_family_model(family, tmp_path / "base", **sizes)
     if family in ("mixtral", "qwen2-moe"):  # transformers' default grouped matmul refuses experts of odd feature counts
         reference.set_experts_implementation("eager")
     adapters = [make_adapter(reference, tmp_path / "a1", 1, 8, 16, targets[0]),

@@ -23,13 +23,18 @@ GROUPS = {
 }
 # The same groups where the checkpoint (and so PEFT) already fuses them into one module (Phi-3).
 FUSED_GROUPS = {**GROUPS, "qkv": ("qkv_proj",), "gate_up": ("gate_up_proj",)}
+# Falcon's and Bloom's names: fused q/k/v, and a plain MLP whose up projection takes the gate_up group's place.
+FALCON_GROUPS = {
+    "qkv": ("query_key_value",), "o": ("dense",), "gate_up": ("dense_h_to_4h",), "down": ("dense_4h_to_h",),
+}
 
 
 def groups_for(modules: Iterable[str]) -> dict[str, tuple[str, ...]]:
-    """The projection groups of a model with these LoRA modules: GROUPS or FUSED_GROUPS when every module is one of
-    theirs (the native decoder), else each module a group of its own (the transformers-backed path's modules)."""
+    """The projection groups of a model with these LoRA modules: GROUPS, FUSED_GROUPS or FALCON_GROUPS when every
+    module is one of theirs (the native decoder), else each module a group of its own (the transformers-backed path's
+    modules)."""
     modules = tuple(modules)
-    for layout in (GROUPS, FUSED_GROUPS):
+    for layout in (GROUPS, FUSED_GROUPS, FALCON_GROUPS):
         if {m for group in layout.values() for m in group}.issuperset(modules):
             return {g: group for g, group in layout.items() if set(group) <= set(modules)}
     return {m: (m,) for m in modules}

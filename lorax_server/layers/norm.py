@@ -1,4 +1,5 @@
-"""RMSNorm as the checkpoints' reference code computes it: statistics in float32, then the learned scale."""
+"""The norms of the native families: RMSNorm as the checkpoints' reference code computes it (statistics in float32, then
+the learned scale), and LayerNorm."""
 from __future__ import annotations
 
 import torch
@@ -29,3 +30,20 @@ class RMSNorm:
         if self.unit_offset:
             return (x32 * self.weight).to(x.dtype)
         return self.weight * x32.to(x.dtype)
+
+
+class LayerNorm:
+    """LayerNorm over the last dimension (StableLM, Falcon, Bloom): mean and variance, then the learned scale and, where
+    the checkpoint has one, shift. A [heads, head_dim] weight scales each head of a [tokens, heads, head_dim] input by
+    its own row (StableLM's per-head q/k norms). torch's kernel keeps the statistics in float32 for narrower inputs,
+    as the reference's nn.LayerNorm does."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, eps: float):
+        self.weight, self.bias, self.eps = weight, bias, eps
+        self._fused = weight.dim() == 1
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self._fused:
+            return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
+        out = F.layer_norm(x, x.shape[-1:], None, None, self.eps) * self.weight
+        return out if self.bias is None else out + self.bias

@@ -1,6 +1,7 @@
-"""The decoder skeleton every native family shares: embedding, layers of (RMSNorm, rotary grouped-query attention
-over the paged KV cache, gated MLP), final norm, LM head; batched multi-LoRA on qkv/o/gate_up/down; tensor-parallel
-across shards. A family is the `DecoderConfig` its module reads from config.json (see llama.py, qwen3.py, ...).
+"""The decoder skeleton every native family shares: embedding, layers of (norm, rotary grouped-query
+attention over the paged KV cache, gated or plain MLP; one after the other or in parallel), final norm, LM head;
+batched multi-LoRA on qkv/o/gate_up/down; tensor-parallel across shards. A family is the `DecoderConfig` its module
+reads from config.json (see llama.py, qwen3.py, falcon.py, ...), including where its checkpoint keeps each weight.
 
 Column-parallel: q/k/v (split by heads, which must divide) and gate/up (split by intermediate features, in parts
 that may differ by one). Row-parallel with an all-reduce: o and down. Vocab-parallel: embedding and lm_head, padded
@@ -21,11 +22,35 @@ from lorax_server.layers.attention import AttentionMetadata, paged_attention
 from lorax_server.layers.linear import Linear
 from lorax_server.layers.lora import LoraBatch
 from lorax_server.layers.moe import MoeConfig, SparseMoe
-from lorax_server.layers.norm import RMSNorm
+from lorax_server.layers.norm import LayerNorm, RMSNorm
 from lorax_server.layers.rotary import Rotary, apply_rotary, rope_parameters
 from lorax_server.weights import Weights
 
-ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh")}
+ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh")}
+Norm = RMSNorm | LayerNorm
+
+
+@dataclass(frozen=True)
+class WeightNames:
+    """Where a family's checkpoint keeps each weight (defaults: Llama's). `qkv` and `gate_up` name one module per
+    projection (q, k, v; gate, up), or one module fusing them (Phi-3's qkv_proj and gate_up_proj, Falcon's
+    query_key_value); a plain MLP names only its up projection."""
+
+    base: str = "model"  # checkpoints saved from the bare model (Bloom's on the hub) have no such prefix
+    embed: str = "embed_tokens"
+    embed_norm: str | None = None  # Bloom norms the embeddings
+    layers: str = "layers"
+    final_norm: str = "norm"
+    attention: str = "self_attn"
+    qkv: tuple[str, ...] = ("q_proj", "k_proj", "v_proj")
+    o: str = "o_proj"
+    q_norm: str = "q_norm"
+    k_norm: str = "k_norm"
+    mlp: str = "mlp"
+    gate_up: tuple[str, ...] = ("gate_proj", "up_proj")
+    down: str = "down_proj"
+    input_norm: str = "input_layernorm"
+    mlp_norm: str | None = "post_attention_layernorm"  # None: the MLP reads the attention's input norm (parallel)
 
 
 @dataclass(frozen=True)
@@ -39,7 +64,7 @@ class DecoderConfig:
     num_heads: int
     num_kv_heads: int
     head_dim: int
-    rms_norm_eps: float
+    rms_norm_eps: float  # the epsilon of every norm, LayerNorm's too
     tie_word_embeddings: bool
     max_position_embeddings: int
     raw: dict
@@ -47,11 +72,17 @@ class DecoderConfig:
     layer_rope: tuple[str, ...]  # the `rope` entry each layer rotates with
     layer_windows: tuple[int | None, ...]  # each layer's sliding window; None: it sees the whole sequence
     qkv_bias: bool = False
-    fused_projections: bool = False  # Phi-3: q/k/v are one `qkv_proj` and gate/up one `gate_up_proj` (adapters too)
+    names: WeightNames = WeightNames()
+    qkv_grouped: bool = False  # one fused qkv module laid out per KV head: its query heads, its key, its value
+    norm: str = "rms"  # or "layer": LayerNorm, with its bias where the checkpoint has one
+    gated_mlp: bool = True  # False: up projection, activation, down (no gate)
+    mlp_bias: bool = False  # the MLP's up and down projections have biases
+    parallel_residual: bool = False  # attention and MLP both read the layer input: h + attn(x) + mlp(y)
     moe: MoeConfig | None = None  # Mixtral, Qwen-MoE: a sparse mixture of experts for the MLP of its layers
     o_bias: bool = False
     activation: str = "silu"
     qk_norm: bool = False  # Qwen3, Gemma 3: RMSNorm over each head of q and k, before rotary
+    qk_norm_per_head: bool = False  # StableLM: each head has its own q/k norm weights (`{q_norm}.norms.{head}`)
     unit_offset_norms: bool = False  # Gemma: every norm scales by (1 + weight)
     sandwich_norms: bool = False  # Gemma 2/3: attention and MLP outputs are normed too before the residual add
     attention_scale: float | None = None  # None: head_dim ** -0.5
@@ -126,15 +157,36 @@ def kv_heads_for_rank(cfg: DecoderConfig, parallel: Parallel) -> tuple[int, int]
 
 
 def projection_rows(
-    prefix: str, modules: tuple[str, ...], fused: str | None, ranges: list[tuple[int, int]], sizes: list[int]
+    prefix: str, modules: tuple[str, ...], ranges: list[tuple[int, int]], sizes: list[int]
 ) -> list[tuple[str, int, int]]:
     """(checkpoint module, start, stop) of the rows this rank holds of each projection of a column-parallel group:
-    `ranges` of the separate `modules`, or of the one `fused` module whose rows stack the projections' full `sizes`
+    `ranges` of the separate `modules`, or of the one fused module whose rows stack the projections' full `sizes`
     in order (the row offsets there are also the column offsets of a fused adapter's B)."""
-    if fused is None:
+    if len(modules) == len(ranges):
         return [(f"{prefix}.{m}", start, stop) for m, (start, stop) in zip(modules, ranges)]
     offsets = [sum(sizes[:i]) for i in range(len(sizes))]
-    return [(f"{prefix}.{fused}", offset + start, offset + stop) for offset, (start, stop) in zip(offsets, ranges)]
+    return [(f"{prefix}.{modules[0]}", offset + start, offset + stop) for offset, (start, stop) in zip(offsets, ranges)]
+
+
+def grouped_qkv_rows(
+    module: str, cfg: DecoderConfig, q_heads: tuple[int, int], kv_heads: tuple[int, int]
+) -> list[tuple[str, int, int]]:
+    """The rows of this rank's q heads, then k heads, then v heads, in a fused qkv module that keeps each KV head's
+    block together: its query heads, its key, its value (Falcon's new architecture; with one query head per KV head,
+    the per-head [q, k, v] of Bloom and the first Falcons). Reading the base weight, its bias and an adapter's B
+    through the same rows puts all three in the layout the attention splits; adjacent rows are read as one range."""
+    d, group = cfg.head_dim, cfg.num_heads // cfg.num_kv_heads
+    block = (group + 2) * d
+    starts = [h // group * block + h % group * d for h in range(*q_heads)]
+    starts += [j * block + group * d for j in range(*kv_heads)]
+    starts += [j * block + (group + 1) * d for j in range(*kv_heads)]
+    rows: list[tuple[str, int, int]] = []
+    for start in starts:
+        if rows and rows[-1][2] == start:
+            rows[-1] = (module, rows[-1][1], start + d)
+        else:
+            rows.append((module, start, start + d))
+    return rows
 
 
 def fused_shape(in_features: int, out_features: int, rows: list[tuple[str, int, int]]) -> ModuleShape:
@@ -143,11 +195,28 @@ def fused_shape(in_features: int, out_features: int, rows: list[tuple[str, int, 
     return ModuleShape(in_features, out_features, "out", start, stop, tuple((a, b) for _, a, b in more))
 
 
+def load_norm(cfg: DecoderConfig, weights: Weights, name: str) -> Norm:
+    """The norm at `name` of the family's kind (a LayerNorm with its bias where the checkpoint has one)."""
+    bias = None
+    if cfg.norm == "layer" and f"{name}.bias" in weights:
+        bias = weights.get(f"{name}.bias")
+    return make_norm(cfg, weights.get(f"{name}.weight"), bias)
+
+
+def make_norm(cfg: DecoderConfig, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Norm:
+    """An RMSNorm, or with `norm="layer"` a LayerNorm, of this weight (and bias)."""
+    if cfg.norm == "layer":
+        return LayerNorm(weight, bias, cfg.rms_norm_eps)
+    return RMSNorm(weight, cfg.rms_norm_eps, cfg.unit_offset_norms)
+
+
 class DecoderLayer:
     """One decoder layer holding this rank's slices of the weights."""
 
-    def __init__(self, cfg: DecoderConfig, weights: Weights, parallel: Parallel, index: int):
-        p = f"model.layers.{index}"
+    def __init__(self, cfg: DecoderConfig, weights: Weights, parallel: Parallel, index: int, prefix: str):
+        """prefix: the layer's in the checkpoint ("model.layers.3")."""
+        p, names = prefix, cfg.names
+        attn, mlp = f"{p}.{names.attention}", f"{p}.{names.mlp}"
         self.parallel = parallel
         d = cfg.head_dim
         q0, q1 = parallel.split(cfg.num_heads, "num_attention_heads")
@@ -157,41 +226,51 @@ class DecoderLayer:
         self.q_range, self.kv_range = (q0 * d, q1 * d), (k0 * d, k1 * d)
         self.q_size, self.kv_size = self.num_heads * d, self.num_kv_heads * d
         q_full, kv_full = cfg.num_heads * d, cfg.num_kv_heads * d
-        self.qkv_rows = projection_rows(
-            f"{p}.self_attn", ("q_proj", "k_proj", "v_proj"), "qkv_proj" if cfg.fused_projections else None,
-            [self.q_range, self.kv_range, self.kv_range], [q_full, kv_full, kv_full],
-        )
+        if cfg.qkv_grouped:
+            self.qkv_rows = grouped_qkv_rows(f"{attn}.{names.qkv[0]}", cfg, (q0, q1), (k0, k1))
+        else:
+            self.qkv_rows = projection_rows(
+                attn, names.qkv, [self.q_range, self.kv_range, self.kv_range], [q_full, kv_full, kv_full]
+            )
         self.qkv = weights.linear_rows(self.qkv_rows)
         self.qkv_bias = None
         if cfg.qkv_bias:
             self.qkv_bias = torch.cat([weights.get_rows(f"{m}.bias", start, stop) for m, start, stop in self.qkv_rows])
-        self.o = weights.linear_cols(f"{p}.self_attn.o_proj", q0 * d, q1 * d)
-        self.o_bias = weights.get(f"{p}.self_attn.o_proj.bias") if cfg.o_bias else None
+        self.o = weights.linear_cols(f"{attn}.{names.o}", q0 * d, q1 * d)
+        self.o_bias = weights.get(f"{attn}.{names.o}.bias") if cfg.o_bias else None
         i0, i1 = parallel.split_uneven(cfg.intermediate_size)
         self.inter, self.inter_range = i1 - i0, (i0, i1)
+        self.gated = cfg.gated_mlp
         self.act = ACTIVATIONS[cfg.activation]
         self.moe = SparseMoe(cfg.moe, weights, p, parallel, self.act) if cfg.moe and index in cfg.moe.layers else None
+        self.up_bias = self.down_bias = None
         if self.moe is None:
-            self.gate_up_rows = projection_rows(
-                f"{p}.mlp", ("gate_proj", "up_proj"), "gate_up_proj" if cfg.fused_projections else None,
-                [(i0, i1), (i0, i1)], [cfg.intermediate_size] * 2,
-            )
+            parts = 2 if cfg.gated_mlp else 1
+            self.gate_up_rows = projection_rows(mlp, names.gate_up, [(i0, i1)] * parts, [cfg.intermediate_size] * parts)
             self.gate_up = weights.linear_rows(self.gate_up_rows)
-            self.down = weights.linear_cols(f"{p}.mlp.down_proj", i0, i1)
+            self.down = weights.linear_cols(f"{mlp}.{names.down}", i0, i1)
+            if cfg.mlp_bias:
+                self.up_bias = torch.cat([weights.get_rows(f"{m}.bias", a, b) for m, a, b in self.gate_up_rows])
+                self.down_bias = weights.get(f"{mlp}.{names.down}.bias")
 
-        norm = partial(RMSNorm, eps=cfg.rms_norm_eps, unit_offset=cfg.unit_offset_norms)
-        self.input_norm = norm(weights.get(f"{p}.input_layernorm.weight"))
+        self.input_norm = load_norm(cfg, weights, f"{p}.{names.input_norm}")
         self.post_attn_norm = self.post_mlp_norm = None
+        self.parallel_residual = cfg.parallel_residual
         if cfg.sandwich_norms:
-            self.post_attn_norm = norm(weights.get(f"{p}.post_attention_layernorm.weight"))
-            self.pre_mlp_norm = norm(weights.get(f"{p}.pre_feedforward_layernorm.weight"))
-            self.post_mlp_norm = norm(weights.get(f"{p}.post_feedforward_layernorm.weight"))
-        else:  # Llama's "post-attention" norm is the MLP's input norm
-            self.pre_mlp_norm = norm(weights.get(f"{p}.post_attention_layernorm.weight"))
+            self.post_attn_norm = load_norm(cfg, weights, f"{p}.post_attention_layernorm")
+            self.pre_mlp_norm = load_norm(cfg, weights, f"{p}.pre_feedforward_layernorm")
+            self.post_mlp_norm = load_norm(cfg, weights, f"{p}.post_feedforward_layernorm")
+        else:  # Llama's "post-attention" norm is the MLP's input norm; in parallel layers, None shares the input norm
+            self.pre_mlp_norm = load_norm(cfg, weights, f"{p}.{names.mlp_norm}") if names.mlp_norm else None
         self.qk_norm = None
         if cfg.qk_norm:  # one [heads, head_dim] weight normalises q's and k's heads in one call
-            q_norm, k_norm = weights.get(f"{p}.self_attn.q_norm.weight"), weights.get(f"{p}.self_attn.k_norm.weight")
-            self.qk_norm = norm(torch.cat([q_norm.expand(self.num_heads, d), k_norm.expand(self.num_kv_heads, d)]))
+            if cfg.qk_norm_per_head:
+                q_norm = torch.stack([weights.get(f"{attn}.{names.q_norm}.norms.{h}.weight") for h in range(q0, q1)])
+                k_norm = torch.stack([weights.get(f"{attn}.{names.k_norm}.norms.{h}.weight") for h in range(k0, k1)])
+            else:
+                q_norm = weights.get(f"{attn}.{names.q_norm}.weight").expand(self.num_heads, d)
+                k_norm = weights.get(f"{attn}.{names.k_norm}.weight").expand(self.num_kv_heads, d)
+            self.qk_norm = make_norm(cfg, torch.cat([q_norm, k_norm]))
 
         self.scale = cfg.attention_scale or d**-0.5
         self.softcap = cfg.attn_softcap
@@ -199,17 +278,16 @@ class DecoderLayer:
         self.rope = cfg.layer_rope[index]
         self.residual_multiplier = cfg.residual_multiplier
 
-    def _row_parallel(
-        self, x: torch.Tensor, linear: Callable[[torch.Tensor], torch.Tensor], bias: torch.Tensor | None,
-        lora: LoraBatch | None, group: str,
-    ) -> torch.Tensor:
-        out = linear(x)
-        if lora is not None:  # the partial x@A sums over ranks in the same all-reduce as the base output
-            out = lora.apply(group, self.index, x, out)
-        out = self.parallel.all_reduce(out)
-        return out + bias if bias is not None else out
+    def _reduce(self, partial: torch.Tensor, *biases: torch.Tensor | None) -> torch.Tensor:
+        """The sum over ranks of row-parallel outputs (their LoRA deltas included: each rank's partial x@A sums in the
+        same all-reduce), then the biases, which every rank holds whole."""
+        out = self.parallel.all_reduce(partial)
+        for bias in biases:
+            if bias is not None:
+                out = out + bias
+        return out
 
-    def _residual(self, hidden: torch.Tensor, out: torch.Tensor, norm: RMSNorm | None) -> torch.Tensor:
+    def _residual(self, hidden: torch.Tensor, out: torch.Tensor, norm: Norm | None) -> torch.Tensor:
         if norm is not None:
             out = norm(out)
         if self.residual_multiplier != 1.0:
@@ -226,6 +304,23 @@ class DecoderLayer:
     ) -> torch.Tensor:
         """rotary: each `rope` entry's cos and signed sin for this forward's tokens."""
         x = self.input_norm(hidden)
+        attn = self._attention(x, rotary, kv_cache, meta, lora)
+        if self.parallel_residual:  # one all-reduce for both branches
+            y = x if self.pre_mlp_norm is None else self.pre_mlp_norm(hidden)
+            return hidden + self._reduce(attn + self._mlp(y, lora), self.o_bias, self.down_bias)
+        hidden = self._residual(hidden, self._reduce(attn, self.o_bias), self.post_attn_norm)
+        return self._residual(hidden, self._reduce(self._mlp(self.pre_mlp_norm(hidden), lora), self.down_bias),
+                              self.post_mlp_norm)
+
+    def _attention(
+        self,
+        x: torch.Tensor,
+        rotary: dict[str, tuple[torch.Tensor, torch.Tensor]],
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        lora: LoraBatch | None,
+    ) -> torch.Tensor:
+        """This rank's part of the attention output projection (before the all-reduce and the bias)."""
         qkv = self.qkv(x)
         if lora is not None:
             qkv = lora.apply("qkv", self.index, x, qkv)
@@ -239,18 +334,25 @@ class DecoderLayer:
         q, k = qk[:, :heads], qk[:, heads:]
         v = qkv[:, self.q_size + self.kv_size :].view(tokens, self.num_kv_heads, self.head_dim)
         attn = paged_attention(q, k, v, kv_cache, meta, self.scale, self.window, self.softcap)
-        hidden = self._residual(hidden, self._row_parallel(attn, self.o, self.o_bias, lora, "o"), self.post_attn_norm)
-
-        x = self.pre_mlp_norm(hidden)
-        out = self.parallel.all_reduce(self.moe(x)) if self.moe is not None else self._mlp(x, lora)
-        return self._residual(hidden, out, self.post_mlp_norm)
+        out = self.o(attn)
+        return lora.apply("o", self.index, attn, out) if lora is not None else out
 
     def _mlp(self, x: torch.Tensor, lora: LoraBatch | None) -> torch.Tensor:
+        """This rank's part of the MLP output (before the all-reduce and the bias)."""
+        if self.moe is not None:
+            return self.moe(x)
         gate_up = self.gate_up(x)
         if lora is not None:
             gate_up = lora.apply("gate_up", self.index, x, gate_up)
-        gate, up = gate_up.split([self.inter, self.inter], dim=-1)
-        return self._row_parallel(self.act(gate) * up, self.down, None, lora, "down")
+        if self.up_bias is not None:
+            gate_up = gate_up + self.up_bias
+        if self.gated:
+            gate, up = gate_up.split([self.inter, self.inter], dim=-1)
+            hidden = self.act(gate) * up
+        else:
+            hidden = self.act(gate_up)
+        out = self.down(hidden)
+        return lora.apply("down", self.index, hidden, out) if lora is not None else out
 
 
 class DecoderModel:
@@ -260,13 +362,18 @@ class DecoderModel:
         self.cfg, self.parallel = cfg, parallel
         self.dtype, self.device = weights.dtype, weights.device
         self.vocab_start, self.vocab_stop = parallel.split_padded(cfg.vocab_size)
-        self.embed = self._vocab_rows(weights, "model.embed_tokens.weight")
+        names = cfg.names
+        base = f"{names.base}." if f"{names.base}.{names.embed}.weight" in weights else ""
+        self.embed = self._vocab_rows(weights, f"{base}{names.embed}.weight")
+        self.embed_norm = load_norm(cfg, weights, f"{base}{names.embed_norm}") if names.embed_norm else None
         if cfg.tie_word_embeddings or "lm_head.weight" not in weights:
             self.lm_head = Linear(self.embed)
         else:
             self.lm_head = Linear(self._vocab_rows(weights, "lm_head.weight"))
-        self.layers = [DecoderLayer(cfg, weights, parallel, i) for i in range(cfg.num_layers)]
-        self.norm = RMSNorm(weights.get("model.norm.weight"), cfg.rms_norm_eps, cfg.unit_offset_norms)
+        self.layers = [
+            DecoderLayer(cfg, weights, parallel, i, f"{base}{names.layers}.{i}") for i in range(cfg.num_layers)
+        ]
+        self.norm = load_norm(cfg, weights, f"{base}{names.final_norm}")
         self.rotaries = {
             name: Rotary(params, cfg.head_dim, cfg.max_position_embeddings, self.device, self.dtype)
             for name, params in cfg.rope.items()
@@ -284,26 +391,26 @@ class DecoderModel:
         return F.pad(rows, (0, 0, 0, self.vocab_stop - self.vocab_start - rows.shape[0]))
 
     def lora_shapes(self) -> dict[str, ModuleShape]:
-        """Full sizes of each LoRA-targetable linear and the slice this rank holds."""
-        layer, hidden, inter = self.layers[0], self.cfg.hidden_size, self.cfg.intermediate_size
+        """Full sizes of each LoRA-targetable linear and the slice this rank holds, by the checkpoint's module names
+        (a fused module's adapters are fused alike)."""
+        layer, hidden, inter, names = self.layers[0], self.cfg.hidden_size, self.cfg.intermediate_size, self.cfg.names
         q_full, kv_full = self.cfg.num_heads * self.cfg.head_dim, self.cfg.num_kv_heads * self.cfg.head_dim
-        if self.cfg.fused_projections:  # adapters name the checkpoint's fused modules
-            shapes = {"qkv_proj": fused_shape(hidden, q_full + 2 * kv_full, layer.qkv_rows)}
+        if len(names.qkv) == 1:
+            shapes = {names.qkv[0]: fused_shape(hidden, q_full + 2 * kv_full, layer.qkv_rows)}
         else:
             shapes = {
-                "q_proj": ModuleShape(hidden, q_full, "out", *layer.q_range),
-                "k_proj": ModuleShape(hidden, kv_full, "out", *layer.kv_range),
-                "v_proj": ModuleShape(hidden, kv_full, "out", *layer.kv_range),
+                name: ModuleShape(hidden, full, "out", *rows)
+                for name, full, rows in zip(names.qkv, (q_full, kv_full, kv_full),
+                                            (layer.q_range, layer.kv_range, layer.kv_range))
             }
-        shapes["o_proj"] = ModuleShape(q_full, hidden, "in", *layer.q_range)
+        shapes[names.o] = ModuleShape(q_full, hidden, "in", *layer.q_range)
         if self.cfg.moe is not None:  # MLPs take no adapters where some layers have experts
             return shapes
-        if self.cfg.fused_projections:
-            shapes["gate_up_proj"] = fused_shape(hidden, 2 * inter, layer.gate_up_rows)
+        if len(names.gate_up) == 1:  # Phi-3's fused gate_up_proj, or a plain MLP's up projection
+            shapes[names.gate_up[0]] = fused_shape(hidden, len(layer.gate_up_rows) * inter, layer.gate_up_rows)
         else:
-            shapes["gate_proj"] = ModuleShape(hidden, inter, "out", *layer.inter_range)
-            shapes["up_proj"] = ModuleShape(hidden, inter, "out", *layer.inter_range)
-        shapes["down_proj"] = ModuleShape(inter, hidden, "in", *layer.inter_range)
+            shapes.update({name: ModuleShape(hidden, inter, "out", *layer.inter_range) for name in names.gate_up})
+        shapes[names.down] = ModuleShape(inter, hidden, "in", *layer.inter_range)
         return shapes
 
     @property
@@ -320,7 +427,9 @@ class DecoderModel:
             inside = (local >= 0) & (local < self.embed.shape[0])
             out = self.embed[torch.where(inside, local, 0)] * inside.unsqueeze(-1).to(self.dtype)
             out = self.parallel.all_reduce(out)
-        return out if self.embed_multiplier is None else out * self.embed_multiplier
+        if self.embed_multiplier is not None:
+            out = out * self.embed_multiplier
+        return out if self.embed_norm is None else self.embed_norm(out)
 
     def _finish_logits(self, logits: torch.Tensor) -> torch.Tensor:
         if self.cfg.logits_scaling != 1.0:

@@ -5,9 +5,10 @@ sliding window over every layer."""
 from __future__ import annotations
 
 from lorax_server.layers.rotary import rope_parameters
-from lorax_server.models.decoder import DecoderConfig
+from lorax_server.models.decoder import DecoderConfig, WeightNames
 
 ARCHITECTURES = ("Phi3ForCausalLM",)
+NAMES = WeightNames(qkv=("qkv_proj",), gate_up=("gate_up_proj",))
 
 
 def read_config(cfg: dict) -> DecoderConfig:
@@ -17,7 +18,7 @@ def read_config(cfg: dict) -> DecoderConfig:
         rope["rope_type"] = "longrope"
     return DecoderConfig.from_dict(
         cfg,
-        fused_projections=True,
+        names=NAMES,
         rope={"all": rope},
         layer_windows=(cfg.get("sliding_window"),) * cfg["num_hidden_layers"],
     )

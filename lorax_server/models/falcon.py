@@ -1,0 +1,60 @@
+"""Falcon (7B, 40B, 180B, Falcon 2, the RefinedWeb models): LayerNorms, one fused `query_key_value` projection, a
+plain GELU MLP (`dense_h_to_4h`, `dense_4h_to_h`), biases on every linear when `bias` is set, and tied embeddings.
+
+The fused projection's layout follows the config: the new decoder architecture (40B, 180B) keeps each KV head's
+query heads, key and value together; the first Falcons keep each head's q, k, v together, unless they are
+multi-query (7B: all query heads, then the one key and value). Attention and MLP read the layer input side by side
+(`parallel_attn`) through one input norm, or through two (`ln_attn`, `ln_mlp`) in the new architecture, else one
+after the other with a second norm between."""
+from __future__ import annotations
+
+from lorax_server.models.decoder import DecoderConfig, WeightNames
+
+ARCHITECTURES = ("FalconForCausalLM",)
+
+
+def names(input_norm: str, mlp_norm: str | None) -> WeightNames:
+    """Falcon's (and Bloom's) module names, with the layer's norms."""
+    return WeightNames(
+        base="transformer", embed="word_embeddings", layers="h", final_norm="ln_f", attention="self_attention",
+        qkv=("query_key_value",), o="dense", gate_up=("dense_h_to_4h",), down="dense_4h_to_h",
+        input_norm=input_norm, mlp_norm=mlp_norm,
+    )
+
+
+def read_config(cfg: dict) -> DecoderConfig:
+    if cfg.get("alibi"):
+        raise ValueError("Falcon with alibi=true (ALiBi position biases instead of rotary) is not supported")
+    heads, hidden = cfg["num_attention_heads"], cfg["hidden_size"]
+    new = bool(cfg.get("new_decoder_architecture", False))
+    multi_query = bool(cfg.get("multi_query", True))
+    parallel = bool(cfg.get("parallel_attn", True))
+    if new:
+        if not parallel:
+            raise ValueError("Falcon's new decoder architecture with parallel_attn=false is not a model transformers "
+                             "runs")
+        kv_heads = cfg.get("num_kv_heads") or heads
+        two_norms = (cfg.get("num_ln_in_parallel_attn") or 2) == 2
+        layer_names = names("ln_attn", "ln_mlp") if two_norms else names("input_layernorm", None)
+    else:
+        kv_heads = 1 if multi_query else heads
+        layer_names = names("input_layernorm", None if parallel else "post_attention_layernorm")
+    bias = bool(cfg.get("bias", False))
+    sizes = {
+        **cfg, "num_key_value_heads": kv_heads, "head_dim": hidden // heads,
+        "intermediate_size": cfg.get("ffn_hidden_size") or 4 * hidden,
+    }
+    return DecoderConfig.from_dict(
+        sizes,
+        rms_norm_eps=float(cfg.get("layer_norm_epsilon", 1e-5)),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)),
+        activation=cfg.get("activation") or "gelu",
+        names=layer_names,
+        qkv_grouped=new or not multi_query,
+        norm="layer",
+        gated_mlp=False,
+        qkv_bias=bias,
+        o_bias=bias,
+        mlp_bias=bias,
+        parallel_residual=parallel,
+    )
