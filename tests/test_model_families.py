@@ -1,6 +1,7 @@
-"""Qwen3, Granite, Gemma, Gemma 2, Gemma 3 (text), Phi-3, Mixtral, Qwen2/3-MoE, StableLM and Falcon on the shared
-decoder equal transformers (+ peft): logits of a mixed prefill and a decode step over the paged cache, greedy tokens
-of staggered batches, and two adapters in one batch. Rotary scaling types equal transformers' own init functions."""
+"""Qwen3, Granite, Gemma, Gemma 2, Gemma 3 (text), Phi-3, Mixtral, Qwen2/3-MoE, StableLM, Falcon and Bloom on the
+shared decoder equal transformers (+ peft): logits of a mixed prefill and a decode step over the paged cache, greedy
+tokens of staggered batches, and two adapters in one batch. Rotary scaling types equal transformers' own init
+functions; ALiBi slopes equal transformers'."""
 from __future__ import annotations
 
 import pytest
@@ -12,6 +13,7 @@ from lorax_server.adapters.config import AdapterError
 from lorax_server.adapters.registry import AdapterKey
 from lorax_server.dist import Parallel
 from lorax_server.kv_cache import BLOCK_SIZE
+from lorax_server.layers.alibi import alibi_slopes
 from lorax_server.layers.attention import build_metadata
 from lorax_server.layers.rotary import Rotary, inverse_frequencies, rope_parameters
 from lorax_server.models import load_model, read_config
@@ -59,6 +61,10 @@ FAMILIES = {
         NOT_LLAMA, new_decoder_architecture=True, num_kv_heads=2, ffn_hidden_size=128, bias=True)),
     "falcon-7b": ("FalconConfig", "FalconForCausalLM", dict(  # multi-query [q..., k, v], one input norm
         NOT_LLAMA, multi_query=True, ffn_hidden_size=128)),
+    "falcon-rw": ("FalconConfig", "FalconForCausalLM", dict(  # ALiBi, per-head [q, k, v], one layer after the other
+        NOT_LLAMA, alibi=True, multi_query=False, parallel_attn=False, bias=True, ffn_hidden_size=128)),
+    # ALiBi with 6 heads: slopes of 4 heads' ratio, then 2 of the 8-head sequence between them
+    "bloom": ("BloomConfig", "BloomForCausalLM", dict(NOT_LLAMA, hidden_size=96, num_attention_heads=6)),
     # the Llama family's per-layer windows: Qwen2 slides only from layer max_window_layers on
     "qwen2-sliding": ("Qwen2Config", "Qwen2ForCausalLM", dict(
         use_sliding_window=True, sliding_window=4, max_window_layers=1)),
@@ -133,13 +139,14 @@ def test_greedy_tokens_match_transformers_with_mid_decode_joins(family, tmp_path
 ADAPTER_TARGETS = {  # family -> the two adapters' targets (default: the separate projections')
     "phi3": (["qkv_proj"], ["gate_up_proj", "o_proj", "down_proj"]),
     "falcon": (["query_key_value"], ["dense", "dense_h_to_4h", "dense_4h_to_h"]),
+    "bloom": (["query_key_value"], ["dense", "dense_h_to_4h", "dense_4h_to_h"]),
     "mixtral": (["q_proj", "k_proj", "v_proj", "o_proj"], ["q_proj", "o_proj"]),  # attention only
     "qwen3-moe": (["q_proj", "k_proj", "v_proj", "o_proj"], ["q_proj", "o_proj"]),
 }
 
 
 @pytest.mark.parametrize("family", ["qwen3", "granite", "gemma", "gemma2", "gemma3", "phi3", "mixtral", "qwen3-moe",
-                                    "stablelm", "falcon"])
+                                    "stablelm", "falcon", "bloom"])
 def test_two_adapters_and_the_base_in_one_batch_match_peft(family, tmp_path, monkeypatch):
     monkeypatch.setenv("LORAX_LOCAL_ADAPTER_ROOTS", str(tmp_path))
     reference, tok = make_family_model(family, tmp_path / "base")
@@ -402,3 +409,66 @@ def test_partial_rotary_factor_is_read_from_either_config_layout():
     nested = rope_parameters({"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}})
     top_level = rope_parameters({"rope_theta": 1e4, "partial_rotary_factor": 0.75})
     assert (nested["partial_rotary_factor"], top_level["partial_rotary_factor"]) == (0.5, 0.75)
+
+
+def test_alibi_slopes_equal_transformers():
+    """Powers of two and the counts between them (the extra heads take the odd powers of the next sequence)."""
+    from transformers.models.bloom.modeling_bloom import _get_alibi_slopes
+
+    for heads in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 71, 112):
+        want = _get_alibi_slopes(heads, "cpu")
+        torch.testing.assert_close(torch.tensor(alibi_slopes(heads)), want, rtol=1e-6, atol=0)
+
+
+def test_alibi_and_bloom_configs_read_from_hub_style_config_json():
+    """Bloom names its sizes n_head / n_layer (n_embed in old checkpoints); Falcon-RW's ALiBi is added before the
+    1/sqrt(head_dim) scale, its slopes rounded to bfloat16 as transformers rounds them."""
+    base = {"architectures": ["BloomForCausalLM"], "vocab_size": 32, "n_layer": 2, "n_head": 4}
+    bloom = read_config({**base, "n_embed": 64})
+    assert (bloom.hidden_size, bloom.intermediate_size, bloom.num_layers, bloom.head_dim) == (64, 256, 2, 16)
+    assert bloom.alibi_slopes == tuple(alibi_slopes(4)) and bloom.qkv_grouped and bloom.num_kv_heads == 4
+    with pytest.raises(ValueError, match="apply_residual_connection_post_layernorm=true is not supported"):
+        read_config({**base, "hidden_size": 64, "apply_residual_connection_post_layernorm": True})
+    falcon_rw = read_config({"architectures": ["FalconForCausalLM"], "vocab_size": 32, "hidden_size": 96,
+                             "num_hidden_layers": 2, "num_attention_heads": 12, "alibi": True, "multi_query": False})
+    want = torch.tensor(alibi_slopes(12)).bfloat16().float() / 8**0.5
+    torch.testing.assert_close(torch.tensor(falcon_rw.alibi_slopes), want, rtol=1e-6, atol=0)
+
+
+def test_alibi_prefill_takes_the_masked_path_where_flash_prefill_would_run(tmp_path, monkeypatch):
+    """On CUDA a prompt batch carries no dense mask, for flash prefill; ALiBi heads (which flash prefill cannot bias)
+    must build it and attend through the masked path, and their logits still equal transformers'."""
+    from lorax_server.layers import flash_prefill
+
+    monkeypatch.setattr(flash_prefill, "usable", lambda device: True)
+    monkeypatch.setattr(flash_prefill, "supports", lambda dtype, head_dim: True)
+    monkeypatch.setattr(flash_prefill, "attend", lambda *args: pytest.fail("ALiBi heads went through flash prefill"))
+    reference, tok = make_family_model("bloom", tmp_path)
+    model = load_model(tmp_path, None, torch.device("cpu"), Parallel())
+    prompts = [tok(p)["input_ids"] for p in ("The quick brown fox jumps over", "Hello world")]
+    cache = torch.zeros(model.cfg.num_layers, 2, model.num_kv_heads, 4 * BLOCK_SIZE, model.cfg.head_dim)
+    ours = forward(model, prompts, [len(p) for p in prompts], cache, torch.tensor([[0, 1], [2, 3]]))
+    with torch.no_grad():
+        expected = torch.cat([reference(torch.tensor([p])).logits[0] for p in prompts])
+    torch.testing.assert_close(ours, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_bloom_checkpoint_saved_from_the_bare_model_loads(tmp_path):
+    """Bloom's hub checkpoints were saved from BloomModel: their names lack the `transformer.` prefix."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    make_family_model("bloom", tmp_path / "base")
+    shutil.copytree(tmp_path / "base", tmp_path / "bare")
+    tensors = load_file(tmp_path / "base" / "model.safetensors")
+    assert any(name.startswith("transformer.") for name in tensors)
+    save_file({name.removeprefix("transformer."): t for name, t in tensors.items()},
+              tmp_path / "bare" / "model.safetensors", metadata={"format": "pt"})
+    models = [load_model(tmp_path / name, None, torch.device("cpu"), Parallel()) for name in ("base", "bare")]
+    ids = [[5, 17, 42, 7]]
+    logits = []
+    for model in models:
+        cache = torch.zeros(model.cfg.num_layers, 2, model.num_kv_heads, BLOCK_SIZE, model.cfg.head_dim)
+        logits.append(forward(model, ids, [4], cache, torch.tensor([[0]])))
+    assert torch.equal(logits[0], logits[1])

@@ -99,6 +99,7 @@ class ThreadParallel(Parallel):
     ("stablelm", (["q_proj", "k_proj", "v_proj"], ["o_proj", "gate_proj", "down_proj"]), {}),
     ("falcon", (["query_key_value"], ["dense", "dense_h_to_4h", "dense_4h_to_h"]), dict(ffn_hidden_size=129)),
     ("falcon-7b", (["query_key_value", "dense_4h_to_h"], ["dense", "dense_h_to_4h"]), dict(ffn_hidden_size=129)),
+    ("bloom", (["query_key_value"], ["dense", "dense_h_to_4h", "dense_4h_to_h"]), {}),
 ])
 def test_two_ranks_with_adapters_equal_peft(family, targets, sizes, tmp_path, monkeypatch):
     """Two ranks on an odd vocabulary and intermediate size, two adapters and the base model in one batch (Qwen3: its
@@ -106,7 +107,7 @@ def test_two_ranks_with_adapters_equal_peft(family, targets, sizes, tmp_path, mo
     fused qkv_proj / gate_up_proj sliced part by part, adapters on them too; MoE: each expert (and Qwen2-MoE's shared
     one) split unevenly. StableLM: per-head q/k LayerNorms of each rank's heads, one all-reduce for its parallel
     residual. Falcon: query_key_value's KV-head blocks (base, bias and adapter B) split by heads; multi-query: the
-    one KV head on both ranks."""
+    one KV head on both ranks. Bloom: per-head [q, k, v] rows, each rank with its heads' ALiBi slopes."""
     from peft import PeftModel
 
     from lorax_server.adapters.registry import AdapterKey, AdapterRegistry

@@ -11,6 +11,8 @@ dtype exists: on CPU a small C++ kernel for float32 (`cpu_decode.py`), on CUDA F
 (`flash_prefill.py`). The gathered path above stays for the rest and for prefill on CPU.
 Layers with their own sliding window (Gemma's alternating local/global layers) narrow the shared mask, once per
 forward and window; tanh soft-capping of the scores (Gemma 2), which SDPA cannot do, takes the explicit path.
+ALiBi heads (Bloom, Falcon-RW) add slope * (key position - query position) to their scores as a float bias, on
+the masked paths only (no in-place decode or flash kernel takes a bias).
 """
 from __future__ import annotations
 
@@ -43,6 +45,7 @@ class AttentionMetadata:
     max_kv: int = 0
     sliding_window: int | None = None
     _key_rows: torch.Tensor | None = None
+    _distances: torch.Tensor | None = None
     _windowed: dict = field(default_factory=dict)
 
     def key_rows(self, heads: int, cache_blocks: int) -> torch.Tensor:
@@ -53,6 +56,14 @@ class AttentionMetadata:
             offsets = torch.arange(heads, device=self.key_blocks.device)[:, None] * cache_blocks
             self._key_rows = (offsets + self.key_blocks.view(1, -1)).view(-1)
         return self._key_rows
+
+    def key_distances(self) -> torch.Tensor:
+        """[B, Q, K] float32 key position minus query position (ALiBi's bias before each head's slope); built once
+        per forward."""
+        if self._distances is None:
+            keys = torch.arange(self.key_blocks.shape[1] * self.block_size, device=self.query_positions.device)
+            self._distances = (keys - self.query_positions[:, :, None]).float()
+        return self._distances
 
     def masks(self, window: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(mask, decode_bias) for a layer that sees the shared mask (window None) narrowed to the last `window`
@@ -157,6 +168,13 @@ def _gather_blocks(kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Ten
     return rows.view(heads, meta.key_blocks.shape[0], -1, dim)
 
 
+def _alibi_bias(slopes: torch.Tensor, meta: AttentionMetadata, mask: torch.Tensor) -> torch.Tensor:
+    """[B, H, Q, K] float32: each head's slope times (key - query position) where `mask` [B, 1, Q, K] allows, -inf
+    elsewhere."""
+    bias = slopes[None, :, None, None] * meta.key_distances()[:, None]
+    return bias.masked_fill_(~mask, float("-inf"))
+
+
 def _soft_cap(scores: torch.Tensor, cap: float | None) -> torch.Tensor:
     return scores if cap is None else torch.tanh(scores / cap) * cap
 
@@ -176,12 +194,14 @@ def _decode_attention(
 def _capped_prefill_attention(
     queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, scale: float, softcap: float
 ) -> torch.Tensor:
-    """queries [B, H, Q, D] against keys/values [B, Hkv, K, D] with soft-capped scores and a float32 softmax."""
+    """queries [B, H, Q, D] against keys/values [B, Hkv, K, D] with soft-capped scores and a float32 softmax; `mask`
+    is boolean, or a float bias added after the cap."""
     batch, heads, max_q, dim = queries.shape
     kv_heads = keys.shape[1]
     grouped = queries.reshape(batch, kv_heads, heads // kv_heads * max_q, dim)
     scores = _soft_cap(torch.matmul(grouped, keys.transpose(-1, -2)) * scale, softcap)
-    scores = scores.view(batch, heads, max_q, -1).masked_fill(~mask, float("-inf"))
+    scores = scores.view(batch, heads, max_q, -1)
+    scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
     probs = scores.softmax(-1, dtype=torch.float32).to(queries.dtype).view(batch, kv_heads, -1, keys.shape[2])
     return torch.matmul(probs, values).view(batch, heads, max_q, dim)
 
@@ -195,29 +215,40 @@ def paged_attention(
     scale: float,
     window: int | None = None,
     softcap: float | None = None,
+    alibi: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Store k/v ([T, kv_heads, D]) in one layer's cache ([2, kv_heads, slots, D]), attend q ([T, heads, D]);
     returns [T, heads*D]. Keys and values move together: one write and one gather per layer. `window`: this
-    layer's own sliding window on top of the shared mask; `softcap`: scores become tanh(s / cap) * cap."""
+    layer's own sliding window on top of the shared mask; `softcap`: scores become tanh(s / cap) * cap; `alibi`: the
+    float32 slopes [heads] of ALiBi heads, which take the masked paths only."""
     kv_heads = k.shape[1]
     new = torch.cat([k, v], dim=1).transpose(0, 1)  # [2 * Hkv, T, D]
     kv_cache.view(2 * kv_heads, -1, k.shape[2]).index_copy_(1, meta.slot_mapping, new)
     windows = [w for w in (meta.sliding_window, window) if w]
-    if meta.paged is not None:  # decode, where a kernel reads the blocks in place (else the masks are built now)
+    # decode, where a kernel reads the blocks in place (else the masks are built now); ALiBi heads take the masks,
+    # as no such kernel adds their bias
+    if meta.paged is not None and alibi is None:
         seen = min(windows, default=None)  # the keys a query sees: the narrower of the shared and the layer's window
         if q.device.type == "cpu" and cpu_decode.supports(q.dtype):
             return cpu_decode.attend(q, kv_cache, *meta.paged, meta.block_size, scale, seen, softcap)
         if q.device.type == "cuda" and softcap is None and flash_decode.supports(q.dtype, q.shape[-1]):
             return flash_decode.attend(q, kv_cache, *meta.paged, meta.max_kv, meta.block_size, scale, seen)
-    if meta.cu_seqlens is not None and softcap is None and flash_prefill.supports(q.dtype, q.shape[-1]):
+    if (meta.cu_seqlens is not None and softcap is None and alibi is None
+            and flash_prefill.supports(q.dtype, q.shape[-1])):
         return flash_prefill.attend(q, k, v, meta.cu_seqlens, meta.max_query, scale, min(windows, default=None))
     gathered = _gather_blocks(kv_cache, meta)
     keys, values = gathered[:kv_heads], gathered[kv_heads:]
     mask, decode_bias = meta.masks(window)
-    if decode_bias is not None:
-        return _decode_attention(q, keys, values, decode_bias, scale, softcap)
     batch, max_q = meta.query_index.shape
     heads, dim = q.shape[1], q.shape[2]
+    if alibi is not None:
+        mask = _alibi_bias(alibi, meta, mask)
+        if decode_bias is not None:  # [Hkv, B, group, K], as the decode scores
+            decode_bias = mask.view(batch, kv_heads, heads // kv_heads, -1).transpose(0, 1)
+        elif softcap is None:  # SDPA adds a float mask of the queries' dtype
+            mask = mask.to(q.dtype)
+    if decode_bias is not None:
+        return _decode_attention(q, keys, values, decode_bias, scale, softcap)
     queries = q[meta.query_index].transpose(1, 2)  # [B, H, Q, D]
     if softcap is not None:
         out = _capped_prefill_attention(queries, keys.transpose(0, 1), values.transpose(0, 1), mask, scale, softcap)

@@ -1,4 +1,4 @@
-"""The decoder skeleton every native family shares: embedding, layers of (norm, rotary grouped-query
+"""The decoder skeleton every native family shares: embedding, layers of (norm, rotary or ALiBi grouped-query
 attention over the paged KV cache, gated or plain MLP; one after the other or in parallel), final norm, LM head;
 batched multi-LoRA on qkv/o/gate_up/down; tensor-parallel across shards. A family is the `DecoderConfig` its module
 reads from config.json (see llama.py, qwen3.py, falcon.py, ...), including where its checkpoint keeps each weight.
@@ -92,6 +92,7 @@ class DecoderConfig:
     logits_scaling: float = 1.0  # logits are divided by it
     attn_softcap: float | None = None  # attention scores become tanh(s / cap) * cap
     final_softcap: float | None = None  # the same for the logits
+    alibi_slopes: tuple[float, ...] | None = None  # per query head: scores add slope * (key - query position); no rope
 
     @classmethod
     def from_dict(cls, cfg: dict, **family) -> "DecoderConfig":
@@ -275,7 +276,10 @@ class DecoderLayer:
         self.scale = cfg.attention_scale or d**-0.5
         self.softcap = cfg.attn_softcap
         self.window = cfg.layer_windows[index] if cfg.sliding_window is None else None
-        self.rope = cfg.layer_rope[index]
+        self.rope = cfg.layer_rope[index] if cfg.alibi_slopes is None else None
+        self.alibi = None
+        if cfg.alibi_slopes is not None:  # this rank's heads' slopes
+            self.alibi = torch.tensor(cfg.alibi_slopes[q0:q1], dtype=torch.float32, device=weights.device)
         self.residual_multiplier = cfg.residual_multiplier
 
     def _reduce(self, partial: torch.Tensor, *biases: torch.Tensor | None) -> torch.Tensor:
@@ -330,10 +334,11 @@ class DecoderLayer:
         qk = qkv[:, : self.q_size + self.kv_size].view(tokens, heads + self.num_kv_heads, self.head_dim)
         if self.qk_norm is not None:
             qk = self.qk_norm(qk)
-        qk = apply_rotary(qk, *rotary[self.rope])
+        if self.rope is not None:
+            qk = apply_rotary(qk, *rotary[self.rope])
         q, k = qk[:, :heads], qk[:, heads:]
         v = qkv[:, self.q_size + self.kv_size :].view(tokens, self.num_kv_heads, self.head_dim)
-        attn = paged_attention(q, k, v, kv_cache, meta, self.scale, self.window, self.softcap)
+        attn = paged_attention(q, k, v, kv_cache, meta, self.scale, self.window, self.softcap, self.alibi)
         out = self.o(attn)
         return lora.apply("o", self.index, attn, out) if lora is not None else out
 
@@ -376,7 +381,7 @@ class DecoderModel:
         self.norm = load_norm(cfg, weights, f"{base}{names.final_norm}")
         self.rotaries = {
             name: Rotary(params, cfg.head_dim, cfg.max_position_embeddings, self.device, self.dtype)
-            for name, params in cfg.rope.items()
+            for name, params in (cfg.rope if cfg.alibi_slopes is None else {}).items()
         }
         self.num_kv_heads = self.layers[0].num_kv_heads
         multiplier = cfg.embedding_multiplier

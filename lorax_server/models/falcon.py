@@ -5,9 +5,12 @@ The fused projection's layout follows the config: the new decoder architecture (
 query heads, key and value together; the first Falcons keep each head's q, k, v together, unless they are
 multi-query (7B: all query heads, then the one key and value). Attention and MLP read the layer input side by side
 (`parallel_attn`) through one input norm, or through two (`ln_attn`, `ln_mlp`) in the new architecture, else one
-after the other with a second norm between."""
+after the other with a second norm between. Positions are rotary, or ALiBi biases where `alibi` is set (Falcon-RW)."""
 from __future__ import annotations
 
+import torch
+
+from lorax_server.layers.alibi import alibi_slopes
 from lorax_server.models.decoder import DecoderConfig, WeightNames
 
 ARCHITECTURES = ("FalconForCausalLM",)
@@ -23,9 +26,13 @@ def names(input_norm: str, mlp_norm: str | None) -> WeightNames:
 
 
 def read_config(cfg: dict) -> DecoderConfig:
-    if cfg.get("alibi"):
-        raise ValueError("Falcon with alibi=true (ALiBi position biases instead of rotary) is not supported")
+    """With `alibi` (Falcon-RW), the bias is added before the 1/sqrt(head_dim) scale, and transformers rounds the
+    slopes to bfloat16: so are ours, then scaled."""
     heads, hidden = cfg["num_attention_heads"], cfg["hidden_size"]
+    slopes = None
+    if cfg.get("alibi"):
+        rounded = torch.tensor(alibi_slopes(heads)).bfloat16().float() * (hidden // heads) ** -0.5
+        slopes = tuple(rounded.tolist())
     new = bool(cfg.get("new_decoder_architecture", False))
     multi_query = bool(cfg.get("multi_query", True))
     parallel = bool(cfg.get("parallel_attn", True))
@@ -57,4 +64,5 @@ def read_config(cfg: dict) -> DecoderConfig:
         o_bias=bias,
         mlp_bias=bias,
         parallel_residual=parallel,
+        alibi_slopes=slopes,
     )
