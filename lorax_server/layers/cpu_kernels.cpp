@@ -1,4 +1,6 @@
-// Decode attention on the CPU straight from the paged KV cache: one new query token per request.
+// Fused CPU kernels for the decode step, where torch's composite ops cost more in dispatch than in arithmetic.
+//
+// decode_attention: attention straight from the paged KV cache, one new query token per request.
 //
 // For request b and query head h (reading KV head h / group), with n = kv_lens[b] keys and the first key the
 // window lets it see, `first` (0 without a window):
@@ -27,6 +29,35 @@ inline void axpy(float* y, float a, const float* x, int64_t n) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
 }
+
+}  // namespace
+
+// rms_norm: y = x / sqrt(mean(x^2) + eps) * weight over the last dimension of a [rows, n] float32 tensor, as
+// the checkpoints' reference code computes it, in one pass per row instead of torch's five ops.
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat, "rms_norm: float32 only");
+  auto xc = x.contiguous();
+  const int64_t n = xc.size(-1), rows = xc.numel() / n;
+  TORCH_CHECK(weight.numel() == n, "rms_norm: weight size");
+  auto wc = weight.contiguous();
+  auto out = at::empty_like(xc);
+  const float* xp = xc.data_ptr<float>();
+  const float* wp = wc.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* row = xp + r * n;
+      float squares = dot(row, row, n);
+      const float inv = 1.f / std::sqrt(squares / static_cast<float>(n) + static_cast<float>(eps));
+      float* orow = op + r * n;
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) orow[i] = wp[i] * (row[i] * inv);
+    }
+  });
+  return out;
+}
+
+namespace {
 
 }  // namespace
 
