@@ -241,6 +241,9 @@ def test_stablelm_and_falcon_configs_read_from_hub_style_config_json():
     assert (falcon_40b.num_kv_heads, falcon_40b.qkv_grouped, falcon_40b.intermediate_size) == (2, True, 256)
     assert (falcon_40b.names.input_norm, falcon_40b.names.mlp_norm, falcon_40b.tie_word_embeddings) == (
         "ln_attn", "ln_mlp", True)
+    one_norm = read_config({**base, "new_decoder_architecture": True, "num_ln_in_parallel_attn": 1})
+    assert (one_norm.names.input_norm, one_norm.names.mlp_norm, one_norm.parallel_residual) == (
+        "input_layernorm", None, True)
     falcon_7b = read_config(base)  # multi_query and parallel_attn are Falcon's defaults
     assert (falcon_7b.num_kv_heads, falcon_7b.qkv_grouped, falcon_7b.names.mlp_norm) == (1, False, None)
     sequential = read_config({**base, "multi_query": False, "parallel_attn": False, "bias": True})
