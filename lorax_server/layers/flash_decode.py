@@ -15,8 +15,9 @@ import logging
 
 import torch
 
+from lorax_server.layers.cuda_checks import has_varlen, once_per_device
+
 logger = logging.getLogger(__name__)
-_checked: dict[torch.device, bool] = {}
 
 
 def supports(dtype: torch.dtype, head_dim: int) -> bool:
@@ -49,21 +50,9 @@ def attend(
     return out.reshape(batch, -1)
 
 
-def usable(device: torch.device) -> bool:
-    """Whether CUDA decode on `device` takes this kernel (decided once per device, with the reason logged)."""
-    if device.type != "cuda":
-        return False
-    if device not in _checked:
-        _checked[device] = _check(device)
-    return _checked[device]
-
-
 def _check(device: torch.device) -> bool:
     """Run the kernel on a small cache whose requests own scattered blocks, against plain attention per request."""
-    try:
-        import torch.nn.attention.varlen  # noqa: F401
-    except ImportError:
-        logger.info("decode attention: blocks gathered per layer (this torch has no torch.nn.attention.varlen)")
+    if not has_varlen("decode attention: blocks gathered per layer"):
         return False
     block, heads, kv_heads, dim, blocks = 16, 4, 2, 64, 12
     gen = torch.Generator(device=device).manual_seed(0)
@@ -91,3 +80,7 @@ def _check(device: torch.device) -> bool:
         return False
     logger.info("decode attention: FlashAttention paged kernel (reads the cache in place)")
     return True
+
+
+# Whether CUDA decode on a device takes this kernel: checked once per device, the reason logged.
+usable = once_per_device(_check)

@@ -13,8 +13,9 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from lorax_server.layers.cuda_checks import has_varlen, once_per_device
+
 logger = logging.getLogger(__name__)
-_checked: dict[torch.device, bool] = {}
 
 
 def supports(dtype: torch.dtype, head_dim: int) -> bool:
@@ -37,20 +38,8 @@ def attend(
     return out.reshape(q.shape[0], -1)
 
 
-def usable(device: torch.device) -> bool:
-    """Whether CUDA prefill on `device` takes this kernel (decided once per device, with the reason logged)."""
-    if device.type != "cuda":
-        return False
-    if device not in _checked:
-        _checked[device] = _check(device)
-    return _checked[device]
-
-
 def _check(device: torch.device) -> bool:
-    try:
-        import torch.nn.attention.varlen  # noqa: F401
-    except ImportError:
-        logger.info("prefill attention: SDPA with a mask (this torch has no torch.nn.attention.varlen)")
+    if not has_varlen("prefill attention: SDPA with a mask"):
         return False
     lens, heads, kv_heads, dim = [5, 17], 4, 2, 64
     gen = torch.Generator(device=device).manual_seed(0)
@@ -73,3 +62,7 @@ def _check(device: torch.device) -> bool:
         return False
     logger.info("prefill attention: FlashAttention varlen kernel (no dense mask)")
     return True
+
+
+# Whether CUDA prefill on a device takes this kernel: checked once per device, the reason logged.
+usable = once_per_device(_check)
