@@ -33,3 +33,14 @@ def has_varlen(path: str) -> bool:
         logger.info("%s (this torch has no torch.nn.attention.varlen)", path)
         return False
     return True
+
+
+def agrees(got: torch.Tensor, expected: torch.Tensor, path: str, kernel: str) -> bool:
+    """Whether a kernel's output on the check's data is within half-precision noise of plain torch's, logging the
+    attention taken either way: `kernel` when it agrees, `path` (the one that stays) with the error when not."""
+    error = (got.float() - expected.float()).abs().max().item()
+    if error > 1e-2:
+        logger.warning("%s (the kernel is off by %.3g)", path, error)
+        return False
+    logger.info(kernel)
+    return True

@@ -15,7 +15,7 @@ import logging
 
 import torch
 
-from lorax_server.layers.cuda_checks import has_varlen, once_per_device
+from lorax_server.layers.cuda_checks import agrees, has_varlen, once_per_device
 
 logger = logging.getLogger(__name__)
 
@@ -74,12 +74,8 @@ def _check(device: torch.device) -> bool:
             q[b, :, None].float(), k, v, scale=dim**-0.5, enable_gqa=True
         )
         expected.append(out.reshape(-1))
-    error = (got - torch.stack(expected)).abs().max().item()
-    if error > 1e-2:
-        logger.warning("decode attention: blocks gathered per layer (the paged flash kernel is off by %.3g)", error)
-        return False
-    logger.info("decode attention: FlashAttention paged kernel (reads the cache in place)")
-    return True
+    return agrees(got, torch.stack(expected), "decode attention: blocks gathered per layer",
+                  "decode attention: FlashAttention paged kernel (reads the cache in place)")
 
 
 # Whether CUDA decode on a device takes this kernel: checked once per device, the reason logged.

@@ -13,7 +13,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from lorax_server.layers.cuda_checks import has_varlen, once_per_device
+from lorax_server.layers.cuda_checks import agrees, has_varlen, once_per_device
 
 logger = logging.getLogger(__name__)
 
@@ -56,12 +56,8 @@ def _check(device: torch.device) -> bool:
         part = [t[start : start + n].transpose(0, 1).float() for t in (q, k, v)]
         out = F.scaled_dot_product_attention(*part, is_causal=True, scale=dim**-0.5, enable_gqa=True)
         expected.append(out.transpose(0, 1).reshape(n, -1))
-    error = (got - torch.cat(expected)).abs().max().item()
-    if error > 1e-2:
-        logger.warning("prefill attention: SDPA with a mask (the varlen flash kernel is off by %.3g)", error)
-        return False
-    logger.info("prefill attention: FlashAttention varlen kernel (no dense mask)")
-    return True
+    return agrees(got, torch.cat(expected), "prefill attention: SDPA with a mask",
+                  "prefill attention: FlashAttention varlen kernel (no dense mask)")
 
 
 # Whether CUDA prefill on a device takes this kernel: checked once per device, the reason logged.
