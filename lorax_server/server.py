@@ -5,8 +5,10 @@ KV cache are not thread-safe, every shard of a tensor-parallel group must run th
 order, and on CPU each thread that runs parallel torch ops gets its own OpenMP team. A second team (say, the main
 thread's from loading the model) makes OpenMP put its workers to sleep between parallel regions instead of
 spinning, which cost a quarter of CPU decode throughput. The event loop stays free to answer Health and Info, and
-adapter downloads run on other threads, doing no tensor work. Any exception becomes a gRPC error carrying its
-message.
+adapter downloads run on other threads, doing no tensor work. Reading an adapter's files into host tensors (the
+`DownloadAdapter` RPC) runs on one reader thread whose torch ops are single-threaded, so it forms no OpenMP team
+and decode keeps running meanwhile; only writing the adapter into the device pools (`LoadAdapter`) takes the model
+thread. Any exception becomes a gRPC error carrying its message.
 """
 from __future__ import annotations
 
@@ -54,9 +56,21 @@ def _rpc(method):
 
 
 def model_thread(device: torch.device | None = None) -> ThreadPoolExecutor:
-    """The one thread that runs a shard's tensor work (the CUDA current device is per thread: set it there too)."""
-    initializer = (lambda: torch.cuda.set_device(device)) if device is not None and device.type == "cuda" else None
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="model", initializer=initializer)
+    """The one thread that runs a shard's tensor work (the CUDA current device is per thread: set it there too).
+    Its OpenMP thread count is fixed when it starts, before the reader thread lowers the default for new threads."""
+
+    def start() -> None:
+        torch.get_num_threads()  # torch settles a thread's OpenMP team size on first use
+        if device is not None and device.type == "cuda":
+            torch.cuda.set_device(device)
+
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="model", initializer=start)
+
+
+def reader_thread() -> ThreadPoolExecutor:
+    """The thread that reads adapters into host tensors beside decode: its torch ops run on this thread alone (a
+    second OpenMP team would make the model thread's workers sleep between parallel regions)."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-reader", initializer=lambda: torch.set_num_threads(1))
 
 
 class LoraxService(generate_pb2_grpc.LoraxServiceServicer):
@@ -67,6 +81,7 @@ class LoraxService(generate_pb2_grpc.LoraxServiceServicer):
         self.uds_base = uds_base
         self.batches: dict[int, Batch] = {}
         self._worker = worker or model_thread()
+        self._reader = reader_thread()
 
     async def _run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
@@ -182,7 +197,8 @@ class LoraxService(generate_pb2_grpc.LoraxServiceServicer):
         token = request.api_token if request.HasField("api_token") else None
         registry = self.generator.adapters
         folders = await asyncio.to_thread(registry.download, key, token)  # network/disk: off the model thread
-        weights = await self._run(registry.fetch, key, token, False, folders)
+        read = functools.partial(registry.fetch, key, token, False, folders)
+        weights = await asyncio.get_running_loop().run_in_executor(self._reader, read)
         return generate_pb2.DownloadAdapterResponse(
             downloaded=True, memory_fraction=registry.memory_fraction(weights), memory=registry.memory()
         )

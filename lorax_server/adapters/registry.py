@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,6 +90,7 @@ class AdapterRegistry:
         self.shapes = model.lora_shapes()
         self.host_capacity = host_capacity
         self.host: OrderedDict[AdapterKey, LoraWeights] = OrderedDict()  # CPU tier, LRU
+        self._host_lock = threading.Lock()  # the reader and model threads share the LRU
         self.disk: dict[Path, int] = {}  # weight bytes of every adapter folder this shard has read
         self.access = AccessLedger(lambda *args: within_deadline(f"adapter '{args[1]}'", prove_access, *args))
         local = {
@@ -145,11 +147,15 @@ class AdapterRegistry:
         self, key: AdapterKey, api_token: str | None = None, trusted: bool = False, folders: list[Path] | None = None
     ) -> LoraWeights:
         """The adapter's CPU weights: from the host LRU, else read (and merge) from `folders` (downloaded here
-        when not given). Tensor work: run it on the model thread (see server.py)."""
-        if key in self.host:
+        when not given). Runs on the reader thread beside the model thread (see server.py), so the LRU is only
+        touched under its lock."""
+        with self._host_lock:
+            cached = self.host.get(key)
+            if cached is not None:
+                self.host.move_to_end(key)
+        if cached is not None:
             self._check_access(key, api_token)
-            self.host.move_to_end(key)
-            return self.host[key]
+            return cached
         folders = folders or self.download(key, api_token, trusted)
         if len(key.ids) == 1:
             whole, _ = self._read_one(folders[0], key.ids[0])
@@ -161,9 +167,10 @@ class AdapterRegistry:
             first_scale = parts[0][1]
             whole = LoraWeights(merged.rank, {m: (a, b * first_scale) for m, (a, b) in merged.modules.items()})
         weights = shard_lora(whole, self.shapes)
-        self.host[key] = weights
-        while len(self.host) > self.host_capacity:
-            self.host.popitem(last=False)
+        with self._host_lock:
+            self.host[key] = weights
+            while len(self.host) > self.host_capacity:
+                self.host.popitem(last=False)
         return weights
 
     def _reservation(self) -> float:
