@@ -1,7 +1,7 @@
-"""Qwen3, Granite, Gemma, Gemma 2, Gemma 3 (text), Phi-3, Mixtral, Qwen2/3-MoE, StableLM, Falcon and Bloom on the
+"""Qwen3, Granite, Gemma, Gemma 2, Gemma 3 (text), Phi-3, Mixtral, Qwen2/3-MoE, StableLM, Falcon, Bloom and MPT on the
 shared decoder equal transformers (+ peft): logits of a mixed prefill and a decode step over the paged cache, greedy
 tokens of staggered batches, and two adapters in one batch. Rotary scaling types equal transformers' own init
-functions; ALiBi slopes equal transformers'."""
+functions; ALiBi slopes (Bloom's and MPT's) equal transformers'."""
 from __future__ import annotations
 
 import pytest
@@ -13,7 +13,7 @@ from lorax_server.adapters.config import AdapterError
 from lorax_server.adapters.registry import AdapterKey
 from lorax_server.dist import Parallel
 from lorax_server.kv_cache import BLOCK_SIZE
-from lorax_server.layers.alibi import alibi_slopes
+from lorax_server.layers.alibi import alibi_slopes, mpt_alibi_slopes
 from lorax_server.layers.attention import build_metadata
 from lorax_server.layers.rotary import Rotary, inverse_frequencies, rope_parameters
 from lorax_server.models import load_model, read_config
@@ -65,6 +65,10 @@ FAMILIES = {
         NOT_LLAMA, alibi=True, multi_query=False, parallel_attn=False, bias=True, ffn_hidden_size=128)),
     # ALiBi with 6 heads: slopes of 4 heads' ratio, then 2 of the 8-head sequence between them
     "bloom": ("BloomConfig", "BloomForCausalLM", dict(NOT_LLAMA, hidden_size=96, num_attention_heads=6)),
+    # ALiBi over 6 heads (between powers of two), q/k/v clamped, its own softmax scale, tied embeddings
+    "mpt": ("MptConfig", "MptForCausalLM", dict(
+        NOT_LLAMA, hidden_size=96, num_attention_heads=6, max_position_embeddings=UNSET, max_seq_len=512,
+        tie_word_embeddings=True, attn_config=dict(clip_qkv=1.5, softmax_scale=0.3))),
     # the Llama family's per-layer windows: Qwen2 slides only from layer max_window_layers on
     "qwen2-sliding": ("Qwen2Config", "Qwen2ForCausalLM", dict(
         use_sliding_window=True, sliding_window=4, max_window_layers=1)),
@@ -140,13 +144,14 @@ ADAPTER_TARGETS = {  # family -> the two adapters' targets (default: the separat
     "phi3": (["qkv_proj"], ["gate_up_proj", "o_proj", "down_proj"]),
     "falcon": (["query_key_value"], ["dense", "dense_h_to_4h", "dense_4h_to_h"]),
     "bloom": (["query_key_value"], ["dense", "dense_h_to_4h", "dense_4h_to_h"]),
+    "mpt": (["Wqkv"], ["out_proj", "up_proj", "down_proj"]),
     "mixtral": (["q_proj", "k_proj", "v_proj", "o_proj"], ["q_proj", "o_proj"]),  # attention only
     "qwen3-moe": (["q_proj", "k_proj", "v_proj", "o_proj"], ["q_proj", "o_proj"]),
 }
 
 
 @pytest.mark.parametrize("family", ["qwen3", "granite", "gemma", "gemma2", "gemma3", "phi3", "mixtral", "qwen3-moe",
-                                    "stablelm", "falcon", "bloom"])
+                                    "stablelm", "falcon", "bloom", "mpt"])
 def test_two_adapters_and_the_base_in_one_batch_match_peft(family, tmp_path, monkeypatch):
     monkeypatch.setenv("LORAX_LOCAL_ADAPTER_ROOTS", str(tmp_path))
     reference, tok = make_family_model(family, tmp_path / "base")
@@ -475,3 +480,56 @@ def test_bloom_checkpoint_saved_from_the_bare_model_loads(tmp_path):
         cache = torch.zeros(model.cfg.num_layers, 2, model.num_kv_heads, BLOCK_SIZE, model.cfg.head_dim)
         logits.append(forward(model, ids, [4], cache, torch.tensor([[0]])))
     assert torch.equal(logits[0], logits[1])
+
+
+def test_mpt_alibi_slopes_equal_transformers():
+    """MPT's slopes for head counts that are powers of two and between them, with alibi_bias_max 8 (then they are
+    Bloom's) and 16."""
+    from transformers.models.mpt.modeling_mpt import build_mpt_alibi_tensor
+
+    for heads in (1, 2, 3, 4, 6, 8, 12, 24, 32, 56):
+        for bias_max in (8, 16):
+            want = -build_mpt_alibi_tensor(heads, 2, bias_max)[:, 0, 0]  # the first of two keys is 1 behind
+            torch.testing.assert_close(torch.tensor(mpt_alibi_slopes(heads, bias_max)), want, rtol=1e-6, atol=0)
+    torch.testing.assert_close(torch.tensor(mpt_alibi_slopes(24)), torch.tensor(alibi_slopes(24)), rtol=1e-6, atol=0)
+
+
+MPT_7B = {  # mosaicml/mpt-7b's config.json, as saved by its own code
+    "architectures": ["MPTForCausalLM"], "model_type": "mpt", "d_model": 4096, "n_heads": 32, "n_layers": 32,
+    "expansion_ratio": 4, "max_seq_len": 2048, "vocab_size": 50432, "no_bias": True, "learned_pos_emb": True,
+    "norm_type": "low_precision_layernorm", "logit_scale": None, "emb_pdrop": 0, "resid_pdrop": 0,
+    "attn_config": {"alibi": True, "alibi_bias_max": 8, "attn_impl": "torch", "attn_pdrop": 0,
+                    "attn_type": "multihead_attention", "attn_uses_sequence_id": False, "clip_qkv": None,
+                    "prefix_lm": False, "qk_ln": False, "softmax_scale": None},
+}
+
+
+def test_mpt_config_reads_from_hub_style_config_json():
+    """MPT's own config names (d_model, n_heads, expansion_ratio, max_seq_len, attn_config); the settings MPT's code
+    has and transformers does not run are refused at start-up, each named."""
+    mpt = read_config(MPT_7B)
+    assert (mpt.hidden_size, mpt.num_heads, mpt.num_kv_heads, mpt.num_layers, mpt.intermediate_size) == (
+        4096, 32, 32, 32, 16384)
+    assert (mpt.max_position_embeddings, mpt.tie_word_embeddings, mpt.norm, mpt.gated_mlp) == (
+        2048, True, "layer", False)
+    assert (mpt.qkv_clip, mpt.attention_scale, mpt.names.qkv) == (None, None, ("Wqkv",))
+    assert mpt.alibi_slopes == tuple(mpt_alibi_slopes(32))
+    attn = MPT_7B["attn_config"]
+    custom = read_config({**MPT_7B, "n_heads": 24, "expansion_ratio": 2,
+                          "attn_config": {**attn, "clip_qkv": 6, "softmax_scale": 0.1, "alibi_bias_max": 16}})
+    assert (custom.qkv_clip, custom.attention_scale, custom.intermediate_size) == (6, 0.1, 8192)
+    assert custom.alibi_slopes == tuple(mpt_alibi_slopes(24, 16))
+    refused = {
+        "attn_config.alibi=false": {"attn_config": {**attn, "alibi": False}},
+        "attn_config.attn_type=grouped_query_attention": {"attn_config": {**attn, "attn_type": "grouped_query_attention",
+                                                                          "kv_n_heads": 8}},
+        "attn_config.qk_ln=true": {"attn_config": {**attn, "qk_ln": True}},
+        "attn_config.prefix_lm=true": {"attn_config": {**attn, "prefix_lm": True}},
+        "no_bias=false": {"no_bias": False},
+        "logit_scale=inv_sqrt_d_model": {"logit_scale": "inv_sqrt_d_model"},
+        "norm_type=rmsnorm": {"norm_type": "rmsnorm"},
+        "ffn_config.ffn_type=mptglu": {"ffn_config": {"ffn_type": "mptglu"}},
+    }
+    for reason, change in refused.items():
+        with pytest.raises(ValueError, match=f"MPT with {reason}.* is not supported"):
+            read_config({**MPT_7B, **change})

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from lorax_server.dist import Parallel
 from lorax_server.models import load_model
+from tests.test_model_families import UNSET
 from tests.tiny_models import make_adapter, make_model
 
 
@@ -100,6 +101,7 @@ class ThreadParallel(Parallel):
     ("falcon", (["query_key_value"], ["dense", "dense_h_to_4h", "dense_4h_to_h"]), dict(ffn_hidden_size=129)),
     ("falcon-7b", (["query_key_value", "dense_4h_to_h"], ["dense", "dense_h_to_4h"]), dict(ffn_hidden_size=129)),
     ("bloom", (["query_key_value"], ["dense", "dense_h_to_4h", "dense_4h_to_h"]), {}),
+    ("mpt", (["Wqkv"], ["out_proj", "up_proj", "down_proj"]), dict(intermediate_size=UNSET)),  # expansion_ratio's
 ])
 def test_two_ranks_with_adapters_equal_peft(family, targets, sizes, tmp_path, monkeypatch):
     """Two ranks on an odd vocabulary and intermediate size, two adapters and the base model in one batch (Qwen3: its
@@ -107,7 +109,8 @@ def test_two_ranks_with_adapters_equal_peft(family, targets, sizes, tmp_path, mo
     fused qkv_proj / gate_up_proj sliced part by part, adapters on them too; MoE: each expert (and Qwen2-MoE's shared
     one) split unevenly. StableLM: per-head q/k LayerNorms of each rank's heads, one all-reduce for its parallel
     residual. Falcon: query_key_value's KV-head blocks (base, bias and adapter B) split by heads; multi-query: the
-    one KV head on both ranks. Bloom: per-head [q, k, v] rows, each rank with its heads' ALiBi slopes."""
+    one KV head on both ranks. Bloom: per-head [q, k, v] rows, each rank with its heads' ALiBi slopes. MPT: Wqkv's
+    q, k and v parts (base and adapter B) split by heads, clamped, each rank with its heads' slopes."""
     from peft import PeftModel
 
     from lorax_server.adapters.registry import AdapterKey, AdapterRegistry

@@ -128,13 +128,13 @@ def test_adapter_targets_resolve_to_the_family_modules(tmp_path, monkeypatch):
 
 def test_unsupported_models_are_refused_with_the_reason(tmp_path):
     cpu = torch.device("cpu")
-    mpt = tmp_path / "mpt"
+    xglm = tmp_path / "xglm"
     import transformers
 
-    config = transformers.MptConfig(d_model=32, n_layers=1, n_heads=2, vocab_size=64)
-    transformers.MptForCausalLM(config).save_pretrained(mpt)
-    with pytest.raises(ValueError, match="'MptForCausalLM'.*does not support custom attention backends"):
-        load_model(mpt, None, cpu, Parallel())
+    config = transformers.XGLMConfig(d_model=32, num_layers=1, attention_heads=2, ffn_dim=64, vocab_size=64)
+    transformers.XGLMForCausalLM(config).save_pretrained(xglm)
+    with pytest.raises(ValueError, match="'XGLMForCausalLM'.*does not support custom attention backends"):
+        load_model(xglm, None, cpu, Parallel())
     make_family("gpt2", tmp_path / "gpt2")
     with pytest.raises(ValueError, match="GPT2LMHeadModel runs on the transformers-backed path.*--num-shard 1"):
         load_model(tmp_path / "gpt2", None, cpu, Parallel(rank=0, world_size=2))

@@ -72,6 +72,7 @@ class DecoderConfig:
     layer_rope: tuple[str, ...]  # the `rope` entry each layer rotates with
     layer_windows: tuple[int | None, ...]  # each layer's sliding window; None: it sees the whole sequence
     qkv_bias: bool = False
+    qkv_clip: float | None = None  # MPT's clip_qkv: q, k and v clamped to [-clip, clip] after their projection
     names: WeightNames = WeightNames()
     qkv_grouped: bool = False  # one fused qkv module laid out per KV head: its query heads, its key, its value
     norm: str = "rms"  # or "layer": LayerNorm, with its bias where the checkpoint has one
@@ -234,7 +235,7 @@ class DecoderLayer:
                 attn, names.qkv, [self.q_range, self.kv_range, self.kv_range], [q_full, kv_full, kv_full]
             )
         self.qkv = weights.linear_rows(self.qkv_rows)
-        self.qkv_bias = None
+        self.qkv_bias, self.qkv_clip = None, cfg.qkv_clip
         if cfg.qkv_bias:
             self.qkv_bias = torch.cat([weights.get_rows(f"{m}.bias", start, stop) for m, start, stop in self.qkv_rows])
         self.o = weights.linear_cols(f"{attn}.{names.o}", q0 * d, q1 * d)
@@ -330,6 +331,8 @@ class DecoderLayer:
             qkv = lora.apply("qkv", self.index, x, qkv)
         if self.qkv_bias is not None:
             qkv = qkv + self.qkv_bias
+        if self.qkv_clip is not None:  # after the adapters' deltas, as the reference clamps the adapted output
+            qkv = qkv.clamp_(-self.qkv_clip, self.qkv_clip)
         tokens, heads = x.shape[0], self.num_heads
         qk = qkv[:, : self.q_size + self.kv_size].view(tokens, heads + self.num_kv_heads, self.head_dim)
         if self.qk_norm is not None:
