@@ -19,7 +19,8 @@ from tests.tiny_models import make_adapter
 
 pytestmark = pytest.mark.e2e
 DEFAULT_TARGETS = (["q_proj", "k_proj", "v_proj", "o_proj"], ["q_proj", "gate_proj", "up_proj", "down_proj"])
-NATIVE = ["granite", "gemma", "gemma3", "phi4-mini", "qwen2-moe", "qwen3-moe", "stablelm", "falcon", "bloom", "mpt"]
+NATIVE = ["granite", "gemma", "gemma3", "phi4-mini", "qwen2-moe", "qwen3-moe", "stablelm", "falcon", "bloom", "mpt",
+          "gpt-neo"]
 
 
 def build(family: str, folder):

@@ -1,5 +1,5 @@
-"""Qwen3, Granite, Gemma, Gemma 2, Gemma 3 (text), Phi-3, Mixtral, Qwen2/3-MoE, StableLM, Falcon, Bloom and MPT on the
-shared decoder equal transformers (+ peft): logits of a mixed prefill and a decode step over the paged cache, greedy
+"""Qwen3, Granite, Gemma, Gemma 2, Gemma 3 (text), Phi-3, Mixtral, Qwen2/3-MoE, StableLM, Falcon, Bloom, MPT and GPT-Neo
+on the shared decoder equal transformers (+ peft): logits of a mixed prefill and a decode step over the paged cache, greedy
 tokens of staggered batches, and two adapters in one batch. Rotary scaling types equal transformers' own init
 functions; ALiBi slopes (Bloom's and MPT's) equal transformers'."""
 from __future__ import annotations
@@ -69,6 +69,9 @@ FAMILIES = {
     "mpt": ("MptConfig", "MptForCausalLM", dict(
         NOT_LLAMA, hidden_size=96, num_attention_heads=6, max_position_embeddings=UNSET, max_seq_len=512,
         tie_word_embeddings=True, attn_config=dict(clip_qkv=1.5, softmax_scale=0.3))),
+    # learned positions, a global layer then a local one whose window (4) the prompts outgrow, unscaled scores
+    "gpt-neo": ("GPTNeoConfig", "GPTNeoForCausalLM", dict(
+        NOT_LLAMA, attention_types=[[["global", "local"], 1]], window_size=4, tie_word_embeddings=True)),
     # the Llama family's per-layer windows: Qwen2 slides only from layer max_window_layers on
     "qwen2-sliding": ("Qwen2Config", "Qwen2ForCausalLM", dict(
         use_sliding_window=True, sliding_window=4, max_window_layers=1)),
@@ -145,13 +148,14 @@ ADAPTER_TARGETS = {  # family -> the two adapters' targets (default: the separat
     "falcon": (["query_key_value"], ["dense", "dense_h_to_4h", "dense_4h_to_h"]),
     "bloom": (["query_key_value"], ["dense", "dense_h_to_4h", "dense_4h_to_h"]),
     "mpt": (["Wqkv"], ["out_proj", "up_proj", "down_proj"]),
+    "gpt-neo": (["q_proj", "k_proj", "v_proj", "out_proj"], ["q_proj", "c_fc", "c_proj"]),
     "mixtral": (["q_proj", "k_proj", "v_proj", "o_proj"], ["q_proj", "o_proj"]),  # attention only
     "qwen3-moe": (["q_proj", "k_proj", "v_proj", "o_proj"], ["q_proj", "o_proj"]),
 }
 
 
 @pytest.mark.parametrize("family", ["qwen3", "granite", "gemma", "gemma2", "gemma3", "phi3", "mixtral", "qwen3-moe",
-                                    "stablelm", "falcon", "bloom", "mpt"])
+                                    "stablelm", "falcon", "bloom", "mpt", "gpt-neo"])
 def test_two_adapters_and_the_base_in_one_batch_match_peft(family, tmp_path, monkeypatch):
     monkeypatch.setenv("LORAX_LOCAL_ADAPTER_ROOTS", str(tmp_path))
     reference, tok = make_family_model(family, tmp_path / "base")
@@ -533,3 +537,22 @@ def test_mpt_config_reads_from_hub_style_config_json():
     for reason, change in refused.items():
         with pytest.raises(ValueError, match=f"MPT with {reason}.* is not supported"):
             read_config({**MPT_7B, **change})
+
+
+def test_gpt_neo_config_reads_from_hub_style_config_json():
+    """EleutherAI/gpt-neo-125M's config.json: global and local layers in turn, the MLP four times the width where
+    intermediate_size is null; attention_types that do not cover the layers are refused."""
+    neo_125m = {
+        "architectures": ["GPTNeoForCausalLM"], "model_type": "gpt_neo", "activation_function": "gelu_new",
+        "attention_types": [[["global", "local"], 6]], "attention_layers": ["global", "local"] * 6, "hidden_size": 768,
+        "intermediate_size": None, "layer_norm_epsilon": 1e-5, "max_position_embeddings": 2048, "num_heads": 12,
+        "num_layers": 12, "vocab_size": 50257, "window_size": 256,
+    }
+    neo = read_config(neo_125m)
+    assert (neo.hidden_size, neo.intermediate_size, neo.num_heads, neo.num_kv_heads, neo.head_dim) == (
+        768, 3072, 12, 12, 64)
+    assert neo.layer_windows == (None, 256) * 6 and neo.sliding_window is None
+    assert (neo.attention_scale, neo.rotary, neo.names.positions, neo.tie_word_embeddings) == (1.0, False, "wpe", True)
+    assert (neo.activation, neo.o_bias, neo.mlp_bias, neo.qkv_bias) == ("gelu_new", True, True, False)
+    with pytest.raises(ValueError, match="attention_types .* do not give global/local attention for each of the 12"):
+        read_config({**neo_125m, "attention_types": [[["global", "local"], 5]]})

@@ -102,6 +102,7 @@ class ThreadParallel(Parallel):
     ("falcon-7b", (["query_key_value", "dense_4h_to_h"], ["dense", "dense_h_to_4h"]), dict(ffn_hidden_size=129)),
     ("bloom", (["query_key_value"], ["dense", "dense_h_to_4h", "dense_4h_to_h"]), {}),
     ("mpt", (["Wqkv"], ["out_proj", "up_proj", "down_proj"]), dict(intermediate_size=UNSET)),  # expansion_ratio's
+    ("gpt-neo", (["q_proj", "v_proj", "out_proj"], ["k_proj", "c_fc", "c_proj"]), {}),
 ])
 def test_two_ranks_with_adapters_equal_peft(family, targets, sizes, tmp_path, monkeypatch):
     """Two ranks on an odd vocabulary and intermediate size, two adapters and the base model in one batch (Qwen3: its
@@ -110,7 +111,8 @@ def test_two_ranks_with_adapters_equal_peft(family, targets, sizes, tmp_path, mo
     one) split unevenly. StableLM: per-head q/k LayerNorms of each rank's heads, one all-reduce for its parallel
     residual. Falcon: query_key_value's KV-head blocks (base, bias and adapter B) split by heads; multi-query: the
     one KV head on both ranks. Bloom: per-head [q, k, v] rows, each rank with its heads' ALiBi slopes. MPT: Wqkv's
-    q, k and v parts (base and adapter B) split by heads, clamped, each rank with its heads' slopes."""
+    q, k and v parts (base and adapter B) split by heads, clamped, each rank with its heads' slopes. GPT-Neo: the
+    position embeddings whole on each rank, out_proj's and c_proj's biases added once after the all-reduce."""
     from peft import PeftModel
 
     from lorax_server.adapters.registry import AdapterKey, AdapterRegistry

@@ -29,14 +29,16 @@ FALCON_GROUPS = {
 }
 # MPT's: Wqkv, out_proj, and a plain MLP's up projection in the gate_up group's place.
 MPT_GROUPS = {"qkv": ("Wqkv",), "o": ("out_proj",), "gate_up": ("up_proj",), "down": ("down_proj",)}
+# GPT-Neo's: separate q/k/v, out_proj, and a plain MLP (c_fc, c_proj).
+GPT_NEO_GROUPS = {**GROUPS, "o": ("out_proj",), "gate_up": ("c_fc",), "down": ("c_proj",)}
 
 
 def groups_for(modules: Iterable[str]) -> dict[str, tuple[str, ...]]:
-    """The projection groups of a model with these LoRA modules: GROUPS, FUSED_GROUPS, FALCON_GROUPS or MPT_GROUPS
-    when every module is one of theirs (the native decoder), else each module a group of its own (the
-    transformers-backed path's modules)."""
+    """The projection groups of a model with these LoRA modules: one of the native decoder's layouts (GROUPS,
+    FUSED_GROUPS, FALCON_GROUPS, MPT_GROUPS, GPT_NEO_GROUPS) when every module is one of its modules, else each module
+    a group of its own (the transformers-backed path's modules)."""
     modules = tuple(modules)
-    for layout in (GROUPS, FUSED_GROUPS, FALCON_GROUPS, MPT_GROUPS):
+    for layout in (GROUPS, FUSED_GROUPS, FALCON_GROUPS, MPT_GROUPS, GPT_NEO_GROUPS):
         if {m for group in layout.values() for m in group}.issuperset(modules):
             return {g: group for g, group in layout.items() if set(group) <= set(modules)}
     return {m: (m,) for m in modules}

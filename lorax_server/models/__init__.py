@@ -10,13 +10,13 @@ import torch
 
 from lorax_server.dist import Parallel
 from lorax_server.models import (
-    bloom, falcon, gemma, granite, llama, mixtral, mpt, phi3, qwen3, qwen_moe, stablelm, transformers_backed,
+    bloom, falcon, gemma, gpt_neo, granite, llama, mixtral, mpt, phi3, qwen3, qwen_moe, stablelm, transformers_backed,
 )
 from lorax_server.models.decoder import DecoderConfig, DecoderModel
 from lorax_server.weights import Weights, load_config
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-FAMILIES = (llama, qwen3, granite, gemma, phi3, mixtral, qwen_moe, stablelm, falcon, bloom, mpt)
+FAMILIES = (llama, qwen3, granite, gemma, phi3, mixtral, qwen_moe, stablelm, falcon, bloom, mpt, gpt_neo)
 READERS: dict[str, Callable[[dict], DecoderConfig]] = {
     arch: family.read_config for family in FAMILIES for arch in family.ARCHITECTURES
 }

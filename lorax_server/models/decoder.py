@@ -1,7 +1,8 @@
-"""The decoder skeleton every native family shares: embedding, layers of (norm, rotary or ALiBi grouped-query
-attention over the paged KV cache, gated or plain MLP; one after the other or in parallel), final norm, LM head;
-batched multi-LoRA on qkv/o/gate_up/down; tensor-parallel across shards. A family is the `DecoderConfig` its module
-reads from config.json (see llama.py, qwen3.py, falcon.py, ...), including where its checkpoint keeps each weight.
+"""The decoder skeleton every native family shares: embedding (plus learned positions where a family has them),
+layers of (norm, rotary or ALiBi grouped-query attention over the paged KV cache, gated or plain MLP; one after the
+other or in parallel), final norm, LM head; batched multi-LoRA on qkv/o/gate_up/down; tensor-parallel across shards.
+A family is the `DecoderConfig` its module reads from config.json (see llama.py, qwen3.py, falcon.py, ...),
+including where its checkpoint keeps each weight.
 
 Column-parallel: q/k/v (split by heads, which must divide) and gate/up (split by intermediate features, in parts
 that may differ by one). Row-parallel with an all-reduce: o and down. Vocab-parallel: embedding and lm_head, padded
@@ -26,7 +27,8 @@ from lorax_server.layers.norm import LayerNorm, RMSNorm
 from lorax_server.layers.rotary import Rotary, apply_rotary, rope_parameters
 from lorax_server.weights import Weights
 
-ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh")}
+GELU_TANH = partial(F.gelu, approximate="tanh")
+ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": GELU_TANH, "gelu_new": GELU_TANH}
 Norm = RMSNorm | LayerNorm
 
 
@@ -39,6 +41,7 @@ class WeightNames:
     base: str = "model"  # checkpoints saved from the bare model (Bloom's on the hub) have no such prefix
     embed: str = "embed_tokens"
     embed_norm: str | None = None  # Bloom norms the embeddings
+    positions: str | None = None  # GPT-Neo's learned absolute position embeddings (wpe), added to the tokens'
     layers: str = "layers"
     final_norm: str = "norm"
     attention: str = "self_attn"
@@ -123,6 +126,11 @@ class DecoderConfig:
             layer_windows=(None,) * layers,
         )
         return cls(**{**common, **family})
+
+    @property
+    def rotary(self) -> bool:
+        """Whether q and k are rotated: not where positions are ALiBi biases or learned embeddings."""
+        return self.alibi_slopes is None and self.names.positions is None
 
     @property
     def sliding_window(self) -> int | None:
@@ -277,7 +285,7 @@ class DecoderLayer:
         self.scale = cfg.attention_scale or d**-0.5
         self.softcap = cfg.attn_softcap
         self.window = cfg.layer_windows[index] if cfg.sliding_window is None else None
-        self.rope = cfg.layer_rope[index] if cfg.alibi_slopes is None else None
+        self.rope = cfg.layer_rope[index] if cfg.rotary else None
         self.alibi = None
         if cfg.alibi_slopes is not None:  # this rank's heads' slopes
             self.alibi = torch.tensor(cfg.alibi_slopes[q0:q1], dtype=torch.float32, device=weights.device)
@@ -374,6 +382,7 @@ class DecoderModel:
         base = f"{names.base}." if f"{names.base}.{names.embed}.weight" in weights else ""
         self.embed = self._vocab_rows(weights, f"{base}{names.embed}.weight")
         self.embed_norm = load_norm(cfg, weights, f"{base}{names.embed_norm}") if names.embed_norm else None
+        self.positions = weights.get(f"{base}{names.positions}.weight") if names.positions else None  # every rank whole
         if cfg.tie_word_embeddings or "lm_head.weight" not in weights:
             self.lm_head = Linear(self.embed)
         else:
@@ -384,7 +393,7 @@ class DecoderModel:
         self.norm = load_norm(cfg, weights, f"{base}{names.final_norm}")
         self.rotaries = {
             name: Rotary(params, cfg.head_dim, cfg.max_position_embeddings, self.device, self.dtype)
-            for name, params in (cfg.rope if cfg.alibi_slopes is None else {}).items()
+            for name, params in (cfg.rope if cfg.rotary else {}).items()
         }
         self.num_kv_heads = self.layers[0].num_kv_heads
         multiplier = cfg.embedding_multiplier
@@ -427,7 +436,7 @@ class DecoderModel:
         element = torch.empty((), dtype=self.dtype).element_size()
         return 2 * self.cfg.num_layers * self.num_kv_heads * self.cfg.head_dim * element
 
-    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def _embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         if self.parallel.world_size == 1:
             out = self.embed[input_ids]
         else:
@@ -437,6 +446,8 @@ class DecoderModel:
             out = self.parallel.all_reduce(out)
         if self.embed_multiplier is not None:
             out = out * self.embed_multiplier
+        if self.positions is not None:
+            out = out + self.positions[positions]
         return out if self.embed_norm is None else self.embed_norm(out)
 
     def _finish_logits(self, logits: torch.Tensor) -> torch.Tensor:
@@ -459,7 +470,7 @@ class DecoderModel:
 
         kv_cache is [layers, 2, kv_heads, slots, head_dim].
         """
-        hidden = self._embed(input_ids)
+        hidden = self._embed(input_ids, meta.positions)
         rotary = {name: rotary.tables(meta.positions) for name, rotary in self.rotaries.items()}
         for i, layer in enumerate(self.layers):
             hidden = layer.forward(hidden, rotary, kv_cache[i], meta, lora)
