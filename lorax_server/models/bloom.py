@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from lorax_server.layers.alibi import alibi_slopes
-from lorax_server.models.decoder import DecoderConfig
+from lorax_server.models.decoder import DecoderConfig, layer_norm_config
 from lorax_server.models.falcon import names
 
 ARCHITECTURES = ("BloomForCausalLM",)
@@ -23,15 +23,11 @@ def read_config(cfg: dict) -> DecoderConfig:
         **cfg, "num_attention_heads": heads, "num_hidden_layers": cfg.get("n_layer") or cfg["num_hidden_layers"],
         "hidden_size": hidden, "intermediate_size": 4 * hidden, "head_dim": hidden // heads,
     }
-    return DecoderConfig.from_dict(
-        sizes,
-        rms_norm_eps=float(cfg.get("layer_norm_epsilon", 1e-5)),
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)),
+    return layer_norm_config(
+        sizes, cfg,
         activation="gelu_pytorch_tanh",
         names=NAMES,
         qkv_grouped=True,
-        norm="layer",
-        gated_mlp=False,
         qkv_bias=True,
         o_bias=True,
         mlp_bias=True,

@@ -140,6 +140,15 @@ class DecoderConfig:
         return windows.pop() if len(windows) == 1 else None
 
 
+def layer_norm_config(sizes: dict, cfg: dict, **family) -> DecoderConfig:
+    """A GPT-style family (Falcon, Bloom, MPT, GPT-Neo): LayerNorms with config.json's `layer_norm_epsilon`, an MLP
+    without a gate, embeddings tied unless the config says otherwise; `family` sets the rest."""
+    return DecoderConfig.from_dict(
+        sizes, rms_norm_eps=float(cfg.get("layer_norm_epsilon", 1e-5)),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)), norm="layer", gated_mlp=False, **family,
+    )
+
+
 def layer_types(cfg: dict, sliding: Callable[[int], bool]) -> tuple[str, ...]:
     """Each layer's attention type, "sliding_attention" or "full_attention": config.json's `layer_types` where saved
     (transformers 5), else the family's rule for which layer indices slide."""

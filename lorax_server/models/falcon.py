@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from lorax_server.layers.alibi import alibi_slopes
-from lorax_server.models.decoder import DecoderConfig, WeightNames
+from lorax_server.models.decoder import DecoderConfig, WeightNames, layer_norm_config
 
 ARCHITECTURES = ("FalconForCausalLM",)
 
@@ -51,15 +51,11 @@ def read_config(cfg: dict) -> DecoderConfig:
         **cfg, "num_key_value_heads": kv_heads, "head_dim": hidden // heads,
         "intermediate_size": cfg.get("ffn_hidden_size") or 4 * hidden,
     }
-    return DecoderConfig.from_dict(
-        sizes,
-        rms_norm_eps=float(cfg.get("layer_norm_epsilon", 1e-5)),
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)),
+    return layer_norm_config(
+        sizes, cfg,
         activation=cfg.get("activation") or "gelu",
         names=layer_names,
         qkv_grouped=new or not multi_query,
-        norm="layer",
-        gated_mlp=False,
         qkv_bias=bias,
         o_bias=bias,
         mlp_bias=bias,

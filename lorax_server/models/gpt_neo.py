@@ -4,7 +4,7 @@ by 1/sqrt(head_dim), LayerNorms with bias, q/k/v without bias and `out_proj` wit
 (`c_fc`, `c_proj`) with biases, tied embeddings."""
 from __future__ import annotations
 
-from lorax_server.models.decoder import DecoderConfig, WeightNames
+from lorax_server.models.decoder import DecoderConfig, WeightNames, layer_norm_config
 
 ARCHITECTURES = ("GPTNeoForCausalLM",)
 NAMES = WeightNames(
@@ -34,14 +34,10 @@ def read_config(cfg: dict) -> DecoderConfig:
         "intermediate_size": cfg.get("intermediate_size") or 4 * hidden,
         "max_position_embeddings": int(cfg.get("max_position_embeddings", 2048)),
     }
-    return DecoderConfig.from_dict(
-        sizes,
-        rms_norm_eps=float(cfg.get("layer_norm_epsilon", 1e-5)),
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)),
+    return layer_norm_config(
+        sizes, cfg,
         activation=cfg.get("activation_function") or "gelu_new",
         names=NAMES,
-        norm="layer",
-        gated_mlp=False,
         o_bias=True,
         mlp_bias=True,
         attention_scale=1.0,

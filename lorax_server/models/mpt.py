@@ -10,7 +10,7 @@ refused at start-up, so that no checkpoint runs differently from the code it was
 from __future__ import annotations
 
 from lorax_server.layers.alibi import mpt_alibi_slopes
-from lorax_server.models.decoder import DecoderConfig, WeightNames
+from lorax_server.models.decoder import DecoderConfig, WeightNames, layer_norm_config
 
 ARCHITECTURES = ("MptForCausalLM", "MPTForCausalLM")
 NAMES = WeightNames(
@@ -57,14 +57,10 @@ def read_config(cfg: dict) -> DecoderConfig:
         "intermediate_size": ffn.get("ffn_hidden_size") or int(hidden * cfg.get("expansion_ratio", 4)),
         "head_dim": hidden // heads, "max_position_embeddings": int(cfg.get("max_seq_len", 2048)),
     }
-    return DecoderConfig.from_dict(
-        sizes,
-        rms_norm_eps=float(cfg.get("layer_norm_epsilon", 1e-5)),
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)),
+    return layer_norm_config(
+        sizes, cfg,
         activation="gelu",
         names=NAMES,
-        norm="layer",
-        gated_mlp=False,
         qkv_clip=attn.get("clip_qkv") or None,
         attention_scale=attn.get("softmax_scale"),
         alibi_slopes=tuple(mpt_alibi_slopes(heads, float(attn.get("alibi_bias_max", 8)))),
