@@ -33,6 +33,7 @@ def ops():
 
 
 def supports(dtype: torch.dtype) -> bool:
+    """Whether the kernels take activations of this dtype (float32 only; the rest keep torch's paths)."""
     return dtype == torch.float32
 
 
