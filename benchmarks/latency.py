@@ -27,6 +27,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.http_client import Client  # noqa: E402
 from benchmarks.serving import Failures, Sizes, concurrent, launch, machine, prompts, single_stream  # noqa: E402
 from lorax_server.demo_model import demo_gguf  # noqa: E402
 
@@ -67,9 +68,9 @@ def prompt_logprobs(url: str) -> list[float]:
 
 
 async def measure(url: str, sizes: Sizes, failures: Failures) -> dict:
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_connections=None)) as client:
+    async with Client(url) as client, httpx.AsyncClient(base_url=url, timeout=600) as streams:
         await concurrent(client, [(p, None) for p in prompts(4)], 4, "warm-up", failures)
-        single = await single_stream(client, None, sizes, failures)
+        single = await single_stream(streams, None, sizes, failures)
         many = await concurrent(client, [(p, None) for p in prompts(sizes.concurrent)], sizes.new_tokens,
                                 "concurrent", failures)
     return {"single_tokens_per_s": single["tokens_per_s"], "ttft_ms_p50": single["ttft_ms_p50"],

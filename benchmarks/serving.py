@@ -47,6 +47,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.adapters import PUBLISHED_MIX, QV8, Spec, write_adapters  # noqa: E402
+from benchmarks.http_client import Client  # noqa: E402
 from lorax_server.demo_model import demo_gguf  # noqa: E402
 from lorax_server.pb import generate_pb2  # noqa: E402
 from lorax_server.sources import cache_dir, fetch_model  # noqa: E402
@@ -112,12 +113,11 @@ def body(prompt: str, adapter: str | None, new_tokens: int) -> dict:
     return {"inputs": prompt, "parameters": params}
 
 
-async def generate(client: httpx.AsyncClient, prompt: str, adapter: str | None, new_tokens: int,
-                   reasons: list[str]) -> Result:
+async def generate(client: Client, prompt: str, adapter: str | None, new_tokens: int, reasons: list[str]) -> Result:
     start = time.perf_counter()
     try:
-        response = await client.post("/generate", json=body(prompt, adapter, new_tokens))
-    except httpx.HTTPError as exc:
+        response = await client.post("/generate", body(prompt, adapter, new_tokens))
+    except (OSError, asyncio.IncompleteReadError) as exc:
         reasons.append(repr(exc))
         return Result(0)
     seconds = time.perf_counter() - start
@@ -152,7 +152,7 @@ async def stream(client: httpx.AsyncClient, prompt: str, adapter: str | None, ne
     return Result(200, tokens, time.perf_counter() - start, ttft)
 
 
-async def concurrent(client: httpx.AsyncClient, jobs: list[tuple[str, str | None]], new_tokens: int,
+async def concurrent(client: Client, jobs: list[tuple[str, str | None]], new_tokens: int,
                      scenario: str, failures: Failures) -> float:
     """Send every job at once; generated tokens/s from the first send to the last answer."""
     reasons: list[str] = []
@@ -163,7 +163,7 @@ async def concurrent(client: httpx.AsyncClient, jobs: list[tuple[str, str | None
     return sum(r.tokens for r in results) / elapsed
 
 
-async def closed_loop(client: httpx.AsyncClient, jobs: list[tuple[str, str | None]], new_tokens: int, clients: int,
+async def closed_loop(client: Client, jobs: list[tuple[str, str | None]], new_tokens: int, clients: int,
                       scenario: str, failures: Failures) -> float:
     """`clients` clients, each sending its next job when its last one answers; generated tokens/s."""
     queue, results, reasons = list(reversed(jobs)), [], []
@@ -190,7 +190,7 @@ def zipf_stream(n_items: int, n_draws: int, s: float = 1.1, seed: int = 0) -> li
     return rng.choices(range(n_items), weights=[1 / (k + 1) ** s for k in range(n_items)], k=n_draws)
 
 
-async def warm_up(client: httpx.AsyncClient, adapters: list[str], failures: Failures, chunk: int = 32) -> None:
+async def warm_up(client: Client, adapters: list[str], failures: Failures, chunk: int = 32) -> None:
     """A few base requests, then one short request per adapter (`chunk` at a time), so loading is done."""
     await concurrent(client, [(p, None) for p in prompts(chunk)], 4, "warm-up", failures)
     for i in range(0, len(adapters), chunk):
@@ -210,7 +210,7 @@ async def shared_scenarios(url: str, sizes: Sizes, rounds: int, qv: list[str], m
         "d": (list(zip(wide_texts, qv)), sizes.new_tokens),
     }
     out: dict = {key: 0.0 for key in cases}
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_connections=None)) as client:
+    async with Client(url) as client, httpx.AsyncClient(base_url=url, timeout=600) as streams:
         await warm_up(client, qv[: sizes.wide] + mix, failures)
         await concurrent(client, cases["a"][0], sizes.new_tokens, "warm-up", failures)
         for r in range(rounds):
@@ -218,12 +218,12 @@ async def shared_scenarios(url: str, sizes: Sizes, rounds: int, qv: list[str], m
                 out[key] = max(out[key], await concurrent(client, jobs, new_tokens, key, failures))
                 print(f"  round {r + 1} ({key}) {out[key]:8.1f} tokens/s (best so far)", flush=True)
         out["f"] = await cold_latency(client, qv[sizes.wide: sizes.wide + sizes.cold], sizes.cold_new_tokens, failures)
-        out["g"] = {case: await single_stream(client, adapter, sizes, failures)
+        out["g"] = {case: await single_stream(streams, adapter, sizes, failures)
                     for case, adapter in (("base", None), ("r8 adapter", qv[0]))}
     return out
 
 
-async def cold_latency(client: httpx.AsyncClient, adapters: list[str], new_tokens: int, failures: Failures) -> dict:
+async def cold_latency(client: Client, adapters: list[str], new_tokens: int, failures: Failures) -> dict:
     """Latency of a request on a never-used adapter, and of the same request once the adapter is loaded."""
     cold, warm, reasons = [], [], []
     prompt = prompts(1)[0]
@@ -252,7 +252,7 @@ async def churn(url: str, sizes: Sizes, pool: list[str], failures: Failures) -> 
     """(e): the same Zipf stream of requests on the base model, then over the adapter pool (loading included)."""
     texts = prompts(sizes.churn_requests)
     picks = zipf_stream(len(pool), sizes.churn_requests)
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_connections=None)) as client:
+    async with Client(url) as client:
         await warm_up(client, [], failures)
         base = await closed_loop(client, [(p, None) for p in texts], sizes.churn_new_tokens, sizes.churn_clients,
                                  "e_base", failures)
