@@ -175,7 +175,7 @@ def random_grouped(out_features: int, in_features: int, bits: int, group_size: i
 
 
 @pytest.mark.parametrize("bits,zero", [(4, False), (4, True), (8, True)])
-@pytest.mark.parametrize("rows", [0, 1, 3, 8, 9, 40])
+@pytest.mark.parametrize("rows", [0, 1, 2, 3, 4, 5, 8, 9, 40])  # 1-4 take the fused path, more the buffered one
 @pytest.mark.parametrize("out_features,in_features,group_size", [(40, 96, 32), (64, 512, 64), (17, 128, 128)])
 def test_kernel_matches_f_linear(bits, zero, rows, out_features, in_features, group_size):
     grouped = random_grouped(out_features, in_features, bits, group_size, zero)
@@ -185,6 +185,13 @@ def test_kernel_matches_f_linear(bits, zero, rows, out_features, in_features, gr
     scale = expected.abs().max().item() if rows else 1.0
     torch.testing.assert_close(linear(x), expected, rtol=1e-4, atol=1e-5 * scale)
     torch.testing.assert_close(linear.dequantize(), grouped.dequantize(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("rows", [1, 6])
+def test_8bit_groups_of_odd_size(rows):
+    grouped = random_grouped(24, 96, 8, 3, zero=True)
+    x = torch.randn(rows, 96)
+    torch.testing.assert_close(QuantizedLinear(grouped, CPU)(x), F.linear(x, grouped.dequantize()), rtol=1e-4, atol=1e-4)
 
 
 def test_strided_and_bfloat16_activations():

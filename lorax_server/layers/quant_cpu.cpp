@@ -11,6 +11,11 @@
 // into a float buffer that stays in L1, then every group of up to 8 activation rows is multiplied against it with
 // 8 x 2 vector accumulators (each input broadcast, no horizontal sums). Only the packed codes travel from memory.
 // GCC vector extensions keep it portable (AVX-512 with -march=native where the CPU has it, narrower otherwise).
+//
+// A few rows (single-stream decode) take a fused path instead: each code becomes a float in a register and goes
+// straight into the rows' FMAs, and a group's scale and zero are applied once per group rather than per weight,
+//     y[t, n] = sum_g scale[n, g] * (sum_{k in g} table[code[n, k]] * x[t, k] - zero[n, g] * sum_{k in g} x[t, k]),
+// because at one row the buffer's stores and reloads cost more than the multiplication they feed.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -24,6 +29,7 @@ constexpr int kLanes = 16;      // output features per vector (and per stored co
 constexpr int kPanel = 2;       // vectors of output features per panel
 constexpr int kTokens = 8;      // activation rows per register tile
 constexpr int64_t kChunk = 256; // inputs dequantized per panel step: kChunk * kPanel * 16 floats = 32 KiB
+constexpr int kFusedRows = 4;   // activation rows up to which the fused path runs
 
 typedef float vfloat __attribute__((vector_size(kLanes * sizeof(float))));
 typedef int32_t vint __attribute__((vector_size(kLanes * sizeof(int32_t))));
@@ -125,6 +131,68 @@ void tiles(int64_t tokens, const float* x, int64_t ldx, const float* buffer, int
   }
 }
 
+
+// y[t, 0 : columns] = x[t] @ w[block * 16 : block * 16 + columns].T for t < kT, without a dequantized buffer.
+// xsum[t * G + g] is the sum of row t's inputs in group g (read only when the weight has zeros).
+template <int kT>
+void fused_block(const Weight& w, int64_t block, const float* x, int64_t ldx, const float* xsum, float* y,
+                 int64_t ldy, int64_t columns) {
+  const vfloat levels = load(w.table);  // read only for 4-bit codes
+  const uint8_t* codes = w.codes + block * (w.bits == 4 ? w.K / 2 : w.K) * kLanes;
+  vfloat total[kT] = {};
+  for (int64_t g = 0; g < w.G; ++g) {
+    vfloat even[kT] = {}, odd[kT] = {};  // two chains of FMAs, so each waits less on the last
+    const int64_t begin = g * w.group, end = begin + w.group;
+    if (w.bits == 4) {
+      for (int64_t k = begin; k < end; k += 2) {
+        const vint both = widen(codes + k / 2 * kLanes);
+        const vfloat lo = __builtin_shuffle(levels, both & 15), hi = __builtin_shuffle(levels, both >> 4);
+        for (int t = 0; t < kT; ++t) {
+          even[t] += lo * splat(x[t * ldx + k]);
+          odd[t] += hi * splat(x[t * ldx + k + 1]);
+        }
+      }
+    } else {
+      int64_t k = begin;
+      for (; k + 1 < end; k += 2) {
+        const vfloat a = __builtin_convertvector(widen(codes + k * kLanes), vfloat);
+        const vfloat b = __builtin_convertvector(widen(codes + (k + 1) * kLanes), vfloat);
+        for (int t = 0; t < kT; ++t) {
+          even[t] += a * splat(x[t * ldx + k]);
+          odd[t] += b * splat(x[t * ldx + k + 1]);
+        }
+      }
+      if (k < end) {  // an odd group size
+        const vfloat a = __builtin_convertvector(widen(codes + k * kLanes), vfloat);
+        for (int t = 0; t < kT; ++t) even[t] += a * splat(x[t * ldx + k]);
+      }
+    }
+    const int64_t at = (block * w.G + g) * kLanes;
+    const vfloat s = load(w.scale + at);
+    for (int t = 0; t < kT; ++t) {
+      vfloat sum = even[t] + odd[t];
+      if (w.zero) sum -= load(w.zero + at) * splat(xsum[t * w.G + g]);
+      total[t] += sum * s;
+    }
+  }
+  for (int t = 0; t < kT; ++t) std::memcpy(y + t * ldy, &total[t], columns * sizeof(float));
+}
+
+template <int kT>
+void fused(const Weight& w, int64_t blocks, int64_t N, const float* x, int64_t ldx, float* y) {
+  std::vector<float> xsum(w.zero ? kT * w.G : 0);
+  for (int t = 0; t < kT && w.zero; ++t)
+    for (int64_t g = 0; g < w.G; ++g) {
+      float sum = 0.f;
+      for (int64_t k = g * w.group; k < (g + 1) * w.group; ++k) sum += x[t * ldx + k];
+      xsum[t * w.G + g] = sum;
+    }
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b)
+      fused_block<kT>(w, b, x, ldx, xsum.data(), y + b * kLanes, N, std::min<int64_t>(kLanes, N - b * kLanes));
+  });
+}
+
 }  // namespace
 
 // x [M, K] float32; codes, scale, zero in the block layout above (zero may be empty); N output features.
@@ -147,6 +215,13 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& codes, const at::
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   const int64_t ldx = x.stride(0), panels = (blocks + kPanel - 1) / kPanel;
+  switch (M) {
+    case 1: fused<1>(w, blocks, N, xp, ldx, yp); return y;
+    case 2: fused<2>(w, blocks, N, xp, ldx, yp); return y;
+    case 3: fused<3>(w, blocks, N, xp, ldx, yp); return y;
+    case kFusedRows: fused<kFusedRows>(w, blocks, N, xp, ldx, yp); return y;
+    default: break;
+  }
   at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
     std::vector<float> buffer(kChunk * kPanel * kLanes);
     for (int64_t p = p0; p < p1; ++p) {
