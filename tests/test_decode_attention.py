@@ -8,9 +8,10 @@ import torch
 from lorax_server.layers import attention, cpu_ops
 
 
-def run_decode(monkeypatch, in_place: bool, window: int | None, layer_window: int | None, softcap: float | None):
+def run_decode(monkeypatch, in_place: bool, window: int | None, layer_window: int | None, softcap: float | None,
+               dim: int = 64):
     gen = torch.Generator().manual_seed(0)
-    heads, kv_heads, dim, blocks = 8, 2, 64, 16
+    heads, kv_heads, blocks = 8, 2, 16
     kv_lens = torch.tensor([1, 40, 17, 33, 16])
     tables = torch.tensor([[5, 0, 0], [1, 9, 3], [12, 2, 0], [7, 15, 11], [4, 0, 0]])  # scattered blocks
     q, k, v = (torch.randn(5, h, dim, generator=gen) for h in (heads, kv_heads, kv_heads))
@@ -23,11 +24,12 @@ def run_decode(monkeypatch, in_place: bool, window: int | None, layer_window: in
     return out, cache, meta
 
 
+@pytest.mark.parametrize("dim", [64, 128, 24])  # the kernel's two register-resident head sizes, and its general loop
 @pytest.mark.parametrize("window,layer_window,softcap", [(None, None, None), (20, None, None), (None, 7, 30.0), (12, 5, None)])
-def test_in_place_decode_equals_the_gathered_path(monkeypatch, window, layer_window, softcap):
-    fast, cache_fast, meta = run_decode(monkeypatch, True, window, layer_window, softcap)
+def test_in_place_decode_equals_the_gathered_path(monkeypatch, window, layer_window, softcap, dim):
+    fast, cache_fast, meta = run_decode(monkeypatch, True, window, layer_window, softcap, dim)
     assert meta.mask is None and meta.decode_bias is None, "the kernel needs no mask"
-    slow, cache_slow, meta = run_decode(monkeypatch, False, window, layer_window, softcap)
+    slow, cache_slow, meta = run_decode(monkeypatch, False, window, layer_window, softcap, dim)
     assert meta.mask is not None, "the fallback built its masks when it needed them"
     assert torch.equal(cache_fast, cache_slow), "both paths write the new keys and values alike"
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
@@ -36,8 +38,8 @@ def test_in_place_decode_equals_the_gathered_path(monkeypatch, window, layer_win
 def test_a_query_sees_only_its_own_requests_keys():
     """Changing another request's blocks, or slots past a request's length, leaves its output alone."""
     gen = torch.Generator().manual_seed(1)
-    q = torch.randn(2, 4, 32, generator=gen)
-    cache = torch.randn(2, 2, 8 * 16, 32, generator=gen)
+    q = torch.randn(2, 4, 64, generator=gen)
+    cache = torch.randn(2, 2, 8 * 16, 64, generator=gen)
     tables, lens = torch.tensor([[2, 5], [3, 0]]), torch.tensor([20, 9])
     before = cpu_ops.attend(q, cache, tables, lens, 16, 0.2, None, None)
     cache[:, :, 3 * 16 + 9 : 4 * 16] = 100.0  # the rest of request 1's block, past its 9 tokens
