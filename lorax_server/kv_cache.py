@@ -25,12 +25,20 @@ class KVCache:
     """[layers, 2, kv_heads, num_blocks*BLOCK_SIZE, head_dim] storage plus a free list of blocks.
 
     Heads come before slots so that a request's blocks gathered for one head are one contiguous [tokens, head_dim]
-    matrix: attention then multiplies them in place instead of first copying them into a head-major layout."""
+    matrix: attention then multiplies them in place instead of first copying them into a head-major layout.
 
-    def __init__(self, num_layers: int, num_blocks: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device):
-        shape = (num_layers, 2, kv_heads, num_blocks * BLOCK_SIZE, head_dim)
+    With `scratch`, one more block is allocated that no request is ever given (`self.scratch`): the padding rows of a
+    CUDA-graph decode step (`cuda_graphs.py`) write their keys and values there. `num_blocks` counts only the blocks
+    requests can hold, so the capacity the router is told is the same with or without it."""
+
+    def __init__(
+        self, num_layers: int, num_blocks: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device,
+        scratch: bool = False,
+    ):
+        shape = (num_layers, 2, kv_heads, (num_blocks + int(scratch)) * BLOCK_SIZE, head_dim)
         self.tensor = _zero_pages(shape, dtype) if device.type == "cpu" else torch.zeros(shape, dtype=dtype, device=device)
         self.num_blocks = num_blocks
+        self.scratch: int | None = num_blocks if scratch else None
         self._free = list(range(num_blocks - 1, -1, -1))
 
     @property

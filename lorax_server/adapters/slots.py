@@ -65,6 +65,9 @@ class SlotPools:
         self.weights: dict[int, LoraWeights] = {}  # router index -> its (host) weights, for the tier report
         self._free_slots: deque[int] = deque(range(_MIN_SLOTS))
         self._lut = torch.full((1,), -1, dtype=torch.int64, device=device)  # router index -> slot (or -1)
+        # Bumped whenever a pool's a, b or rows tensor is replaced by a bigger one: a CUDA graph holds the addresses of
+        # the tensors it was captured with, so `cuda_graphs.py` drops its graphs when this changes.
+        self.version = 0
 
     # ---- load / offload --------------------------------------------------------------------------------------
     def add(self, index: int, weights: LoraWeights) -> int:
@@ -80,6 +83,7 @@ class SlotPools:
                 wider = torch.full((pool.rows.shape[0], rank), -1, dtype=torch.int32, device=self.device)
                 wider[:, : pool.rows.shape[1]] = pool.rows
                 pool.rows = wider
+                self.version += 1
             rows = [pool.free.popleft() for _ in range(rank)]
             index_t = torch.tensor(rows, dtype=torch.int64, device=self.device)
             pool.a[:, index_t] = a.transpose(1, 2).to(self.device, self.dtype)  # [L, r, in]
@@ -118,6 +122,7 @@ class SlotPools:
                 grown[:old] = pool.rows
                 pool.rows = grown
             self._free_slots.extend(range(old, 2 * old))
+            self.version += 1
         return self._free_slots.popleft()
 
     def _reserve(self, weights: LoraWeights) -> None:
@@ -151,6 +156,7 @@ class SlotPools:
             a[:, :old], b[:, :old] = pool.a, pool.b
             pool.a, pool.b = a, b
             pool.free.extend(range(old, capacity))
+        self.version += 1
 
     # ---- per batch -----------------------------------------------------------------------------------------------
     def token_slots(self, adapter_indices: torch.Tensor, used: frozenset[int]) -> torch.Tensor:

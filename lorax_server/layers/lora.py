@@ -47,11 +47,17 @@ def groups_for(modules: Iterable[str]) -> dict[str, tuple[str, ...]]:
 class LoraBatch:
     """Which slot each token of one forward pass uses, and the pools to read (the only per-step LoRA input)."""
 
-    def __init__(self, pools: SlotPools, token_slots: torch.Tensor, out_sizes: dict[str, int], slots: set[int]):
+    def __init__(
+        self, pools: SlotPools, token_slots: torch.Tensor, out_sizes: dict[str, int], slots: set[int] | None
+    ):
         """token_slots [T]: each token's slot, -1 for the base model; `slots`: the set of them but -1 (known on the
-        host, so the batch's modules are found without reading the device). out_sizes: module -> output features."""
+        host, so the batch's modules are found without reading the device), or None for every module whose pool
+        holds rows (`every_pool`). out_sizes: module -> output features."""
         self.token_slots = token_slots
-        targeted = set().union(*(pools.targets[s] for s in slots))
+        if slots is None:
+            targeted = {m for m, pool in pools.pools.items() if pool.a.shape[1]}
+        else:
+            targeted = set().union(*(pools.targets[s] for s in slots))
         self._groups = {}  # only the modules some token's adapter targets: no kernel call for the rest
         for group, modules in groups_for(out_sizes).items():
             offsets, start = [], 0
@@ -62,6 +68,13 @@ class LoraBatch:
             if used:
                 p = [pools.pools[m] for m, _ in used]
                 self._groups[group] = ([x.a for x in p], [x.b for x in p], [x.rows for x in p], [off for _, off in used])
+
+    @classmethod
+    def every_pool(cls, pools: SlotPools, token_slots: torch.Tensor) -> "LoraBatch":
+        """Inputs that serve any mix of adapters, as a CUDA graph must (which kernels run is fixed at capture): every
+        module whose pool holds rows runs, and a token whose adapter does not target a module gets an exact zero
+        delta there (its slot's row table for that module is all -1)."""
+        return cls(pools, token_slots, {m: pool.b.shape[2] for m, pool in pools.pools.items()}, None)
 
     def targets(self, group: str) -> bool:
         """Whether some token's adapter targets the group (else `apply` leaves its output as it is)."""
