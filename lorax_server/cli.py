@@ -27,7 +27,9 @@ def main() -> None:
 @click.option("--revision", default=None)
 @click.option("--sharded", is_flag=True, help="Part of a tensor-parallel group (RANK/WORLD_SIZE from env).")
 @click.option("--quantize", type=click.Choice(QUANTIZE), default=None)
-@click.option("--compile", "compile_", is_flag=True, help="Accepted for compatibility; not implemented yet (a warning says so).")
+@click.option("--compile", "compile_", is_flag=True,
+              help="CUDA: decode steps of up to LORAX_COMPILE_MAX_BATCH_SIZE (128) requests replay CUDA graphs. "
+                   "CPU: no effect (a log line says why).")
 @click.option("--dtype", type=click.Choice(["float16", "bfloat16"]), default=None)
 @click.option("--trust-remote-code", is_flag=True, help="Run code shipped with the checkpoint (transformers-backed path only).")
 @click.option("--uds-path", default="/tmp/lorax-server", help="Socket base path; the rank is appended.")
@@ -47,8 +49,8 @@ def serve(model_id, adapter_id, revision, sharded, quantize, compile_, dtype, tr
     from lorax_server.server import model_thread, serve as serve_grpc
 
     parallel, device = dist.initialize()
-    if compile_:
-        logger.warning("--compile has no effect yet: the model runs eagerly (no CUDA graphs, no torch.compile)")
+    if compile_ and device.type != "cuda":
+        logger.warning("--compile has no effect on CPU: torch.compile made decode slower here (README, Performance)")
     provider = None
     if otlp_endpoint:
         provider = tracing.otlp_provider(otlp_endpoint, tracing.SHARD_SERVICE)
@@ -57,7 +59,7 @@ def serve(model_id, adapter_id, revision, sharded, quantize, compile_, dtype, tr
         worker = model_thread(device)  # all tensor work, loading included, on one thread (see server.py)
         service = worker.submit(
             build_service, model_id, revision, source, dtype, parallel, device, uds_path, adapter_id, adapter_source,
-            worker, trust_remote_code, quantize=quantize,
+            worker, trust_remote_code, quantize=quantize, cuda_graphs_on=compile_ and device.type == "cuda",
         ).result()
         socket_path = f"{uds_path}-{parallel.rank}"
         if os.path.exists(socket_path):

@@ -11,6 +11,7 @@ import json
 import logging
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -24,6 +25,9 @@ from lorax_server.pb import generate_pb2
 from lorax_server.sampling import Watermark, choose
 from lorax_server.structured import Grammars
 from lorax_server.uploads import upload
+
+if TYPE_CHECKING:
+    from lorax_server.cuda_graphs import DecodeGraphs
 
 logger = logging.getLogger(__name__)
 
@@ -47,8 +51,13 @@ def eos_token_ids(folder: Path, tokenizer) -> list[int]:
 class Generator:
     """Owns the model, its KV cache and the tokenizer of one shard."""
 
-    def __init__(self, model, tokenizer, eos_ids: list[int], parallel: Parallel, device: torch.device, adapters: AdapterRegistry):
+    def __init__(
+        self, model, tokenizer, eos_ids: list[int], parallel: Parallel, device: torch.device, adapters: AdapterRegistry,
+        graphs: DecodeGraphs | None = None,
+    ):
+        """graphs: with --compile on CUDA, the runner that replays decode steps from CUDA graphs."""
         self.model, self.tokenizer, self.parallel, self.device = model, tokenizer, parallel, device
+        self.graphs = graphs
         self.adapters = adapters
         self.eos_ids = torch.tensor(eos_ids, dtype=torch.int64, device=device)
         self.special_ids = set(tokenizer.all_special_ids)
@@ -64,7 +73,8 @@ class Generator:
         blocks = max(tokens // BLOCK_SIZE, 1)
         self.cache = None
         self.cache = KVCache(
-            self.model.cfg.num_layers, blocks, self.model.num_kv_heads, self.model.cfg.head_dim, self.model.dtype, self.device
+            self.model.cfg.num_layers, blocks, self.model.num_kv_heads, self.model.cfg.head_dim, self.model.dtype,
+            self.device, scratch=self.graphs is not None,
         )
         return blocks * BLOCK_SIZE
 
@@ -105,7 +115,10 @@ class Generator:
             "adapters: KV cache of %d tokens", memory.free >> 20, prefill_tokens, tracker.peak >> 20,
             self.adapters.pools.budget >> 20, tokens,
         )
-        return self.allocate_cache(tokens)
+        capacity = self.allocate_cache(tokens)
+        if self.graphs is not None:  # graphs serve the cache requests will use, not the warm-up's
+            self.graphs.arm(self.cache)
+        return capacity
 
     def new_batch(self, pb_batch: generate_pb2.Batch) -> Batch:
         if self.cache is None:  # no warm-up ran (tests, tools): plan without a measured peak
@@ -150,7 +163,8 @@ class Generator:
         return self._advance(batch, logits, prompt_details)
 
     def decode(self, batches: list[Batch]) -> tuple[list[generate_pb2.Generation], Batch | None]:
-        """One token for every live request of the given batches, run as one forward."""
+        """One token for every live request of the given batches, run as one forward (with --compile on CUDA, replayed
+        from a CUDA graph where `cuda_graphs.py` can)."""
         batch = Batch.concatenate(batches, self.vocab)
         live = [i for i, r in enumerate(batch.requests) if not r.finished]
         if len(live) < len(batch.requests):
@@ -158,11 +172,15 @@ class Generator:
         if not batch.requests:
             return [], None
         kv_lens = batch.kv_lens + 1
-        window = self.model.cfg.sliding_window
-        meta = build_metadata(torch.ones_like(kv_lens), kv_lens, batch.block_tables, BLOCK_SIZE, window, 1, batch.max_kv + 1)
-        lora = self.adapters.lora_batch(batch.adapter_indices, batch.adapters, None)
-        rows = torch.arange(len(batch.requests), device=self.device)
-        logits = self.model.forward(batch.next_ids, meta, self.cache.tensor, rows, lora)
+        logits = None if self.graphs is None else self.graphs.decode(batch, kv_lens, self.cache)
+        if logits is None:
+            window = self.model.cfg.sliding_window
+            meta = build_metadata(
+                torch.ones_like(kv_lens), kv_lens, batch.block_tables, BLOCK_SIZE, window, 1, batch.max_kv + 1
+            )
+            lora = self.adapters.lora_batch(batch.adapter_indices, batch.adapters, None)
+            rows = torch.arange(len(batch.requests), device=self.device)
+            logits = self.model.forward(batch.next_ids, meta, self.cache.tensor, rows, lora)
         batch.kv_lens = kv_lens
         batch.max_kv += 1
         return self._advance(batch, logits, {})

@@ -1,5 +1,6 @@
-"""The CUDA path: bfloat16 multi-LoRA against transformers + peft, read-backs per decode step, the memory plan, and
-the launcher serving on a GPU. Skipped without CUDA; `scripts/gpu_check.sh` runs them with `pytest -m gpu`.
+"""The CUDA path: bfloat16 multi-LoRA against transformers + peft, read-backs per decode step, the memory plan, the
+launcher serving on a GPU, and `--compile`'s CUDA graphs against eager decode. Skipped without CUDA;
+`scripts/gpu_check.sh` runs them with `pytest -m gpu`.
 
 Tolerance: bfloat16 keeps 8 bits of mantissa, and our fused projections sum in a different order than
 transformers, so prompt logprobs are compared with a mean absolute difference below 0.05 nats (max 0.3).
@@ -8,15 +9,19 @@ from __future__ import annotations
 
 import math
 import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import torch
 
+from lorax_server import cuda_graphs
 from lorax_server.adapters.registry import AdapterKey
 from lorax_server.dist import Parallel
 from lorax_server.pb import generate_pb2 as pb
 from lorax_server.shard import build_service
 from tests.e2e import Launcher
+from tests.test_cuda_graphs import ALL, requests_for, run_recording, start
 from tests.test_e2e_serving import generate
 from tests.test_shard_exactness import PROMPTS, make_request
 from tests.tiny_models import make_adapter, make_model
@@ -160,3 +165,70 @@ def test_flash_decode_equals_the_gathered_path(window, monkeypatch):
     assert meta.paged is None
     assert torch.equal(cache_flash, cache_gathered), "both paths write the new keys and values alike"
     assert (flash.float() - gathered.float()).abs().max() < 2e-2
+
+
+def test_cuda_graph_decode_equals_eager(cuda_shard, tmp_path):
+    """--compile: padded steps replayed from CUDA graphs give eager decode's tokens as requests finish and join, with
+    one synchronisation per replayed step, and graphs are captured again once the adapter pools grow."""
+    generator, base, _ = cuda_shard
+    indices, max_new = [0, 1, 2, 2, 0, 1], [8, 3, 10, 6, 4, 9]
+    generator.allocate_cache(4096)
+    eager_tokens, eager_logits = run_recording(generator, requests_for(generator, indices, max_new))
+
+    graphs = cuda_graphs.from_env(generator.model, generator.adapters, Parallel(), CUDA)
+    assert graphs is not None, "a bfloat16 Llama on one GPU can be captured"
+    generator.graphs = graphs
+    generator.allocate_cache(4096)
+    graphs.arm(generator.cache)
+    tokens, logits = run_recording(generator, requests_for(generator, indices, max_new))
+    assert graphs.failed is None
+    assert {1, 2, 4, 8} <= set(graphs.captured()), graphs.captured()
+    assert tokens == eager_tokens
+    for got, expected in zip(logits, eager_logits):
+        assert (got - expected).abs().max() <= 0.02 * expected.abs().max() + 0.02
+
+    batch = start(generator, [0, 1, 2], [8] * 3, batch_id=7)
+    _, batch = generator.decode([batch])  # batch size 4's graph exists: this replays it
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _, batch = generator.decode([batch])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) <= 1, syncs
+
+    from transformers import AutoModelForCausalLM
+
+    big = make_adapter(AutoModelForCausalLM.from_pretrained(base), tmp_path / "big", 9, 64, 64, ALL)
+    version = generator.adapters.pools.version
+    generator.adapters.load(AdapterKey((str(big),), "local"), 3)  # more rows than are free: the pools grow
+    assert generator.adapters.pools.version > version
+    _, batch = generator.decode([batch])
+    assert graphs.captured() == [4] and graphs.failed is None, "the old graphs were dropped, batch size 4 recaptured"
+
+
+def test_the_launcher_generates_the_same_text_with_compile(tmp_path):
+    model = make_model("llama", tmp_path / "base")
+    adapter = make_adapter(model, tmp_path / "adapter", 3, 8, 16, ["q_proj", "v_proj"])
+    adapter_params = {"adapter_id": str(adapter), "adapter_source": "local"}
+    jobs = [(prompt, params) for prompt in PROMPTS for params in ({}, adapter_params)]
+    texts = {}
+    for flags in ((), ("--compile",)):
+        launcher = Launcher(str(tmp_path / "base"), tmp_path, "--max-input-length", "32", "--max-total-tokens", "64",
+                            *flags, env={"CUDA_VISIBLE_DEVICES": "0"}).wait_ready()
+        try:
+            one_by_one = [generate(launcher.url, prompt, **params) for prompt, params in jobs]  # batches of one
+            with ThreadPoolExecutor(len(jobs)) as pool:  # mixed batches: larger graphs
+                together = list(pool.map(lambda job: generate(launcher.url, job[0], **job[1]), jobs))
+            for response in one_by_one + together:
+                assert response.status_code == 200, response.text
+            texts[flags] = [r.json()["generated_text"] for r in one_by_one]
+            launcher.log.flush()
+            log = Path(launcher.log.name).read_text()  # the whole log: output() keeps only its end
+        finally:
+            assert launcher.stop() == 0, launcher.output()
+        if flags:
+            assert "captured the decode step" in log and "runs eagerly" not in log, log[-6000:]
+    assert texts[()] == texts[("--compile",)]
