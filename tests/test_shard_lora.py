@@ -55,6 +55,28 @@ def test_mixed_adapters_match_peft(arch, tmp_path, monkeypatch):
     assert len({tuple(v) for v in ours.values()}) > 4, "adapters must change the output"
 
 
+def test_a_static_adapter_applies_to_requests_naming_none(tmp_path, monkeypatch):
+    """--adapter-id loads an adapter at index 0: requests naming no adapter run it, alone and beside another."""
+    monkeypatch.setenv("LORAX_LOCAL_ADAPTER_ROOTS", str(tmp_path))
+    base = tmp_path / "base"
+    model = make_model(ARCHS[0], base)
+    (r, a, t), (r2, a2, t2) = ADAPTERS[2], ADAPTERS[0]  # the static one on the MLP, the other on attention only
+    static, other = make_adapter(model, tmp_path / "static", 1, r, a, t), make_adapter(model, tmp_path / "other", 2, r2, a2, t2)
+    generator = build_service(str(base), None, "hub", None, Parallel(), torch.device("cpu"), "/unused",
+                              adapter_id=str(static), adapter_source="local").generator
+    generator.allocate_cache(4096)
+    generator.adapters.load(AdapterKey((str(other),), "local"), 1)
+    tok = generator.tokenizer
+    for indices in ([0, 0], [0, 1]):  # only the static adapter; then beside an adapter targeting other modules
+        requests = []
+        for j, index in enumerate(indices):
+            requests.append(make_request(tok, j, PROMPTS[j], 6))
+            requests[-1].adapter_index = index
+        ours = run_staggered(generator, requests, join_after=0)
+        for j, index in enumerate(indices):
+            assert ours[j] == reference(base, static if index == 0 else other, tok, PROMPTS[j], 6), (indices, j)
+
+
 def test_bad_adapters_are_refused_with_reason(tmp_path, monkeypatch, tiny_model_dir):
     monkeypatch.setenv("LORAX_LOCAL_ADAPTER_ROOTS", str(tmp_path))
     folder, model = tiny_model_dir

@@ -223,11 +223,12 @@ class AdapterRegistry:
     ) -> LoraBatch | None:
         """LoRA inputs for a batch whose requests use `adapter_indices` (one per request; `used` is their set, on the
         host). `token_counts` is (tokens per request, total) in prefill, None in decode (one token each). None when
-        the batch runs only the base model."""
-        if used <= {0}:
+        the batch runs only the base model. Index 0 is the static adapter when --adapter-id loaded one, else the base."""
+        loaded = used & self.pools.slot_of.keys()
+        if not loaded:
             return None
         slots = self.pools.token_slots(adapter_indices, used)
         if token_counts is not None:
             counts, total = token_counts
             slots = slots.repeat_interleave(counts, output_size=total)
-        return LoraBatch(self.pools, slots, self._out_sizes, {self.pools.slot_of[i] for i in used - {0}})
+        return LoraBatch(self.pools, slots, self._out_sizes, {self.pools.slot_of[i] for i in loaded})
