@@ -1,8 +1,8 @@
 """Single-stream latency, 32-concurrent throughput, shard memory and logprob drift per weight format, through the
 real `lorax-launcher` on SmolLM2-135M (the demo model), over HTTP.
 
-For each configuration (float32, bfloat16, every `--quantize` value that quantizes at load, optionally each with
-`--compile`) one launcher is started as a user would, and measured in turn:
+For each configuration (float32, bfloat16, every `--quantize` value that quantizes at load, alone and with
+LORAX_QUANTIZE_EMBEDDINGS=int8, optionally each with `--compile`) one launcher is started as a user would, and measured in turn:
   - single stream: sequential streamed requests, tokens/s and time to first token (p50);
   - 32 concurrent requests: generated tokens/s;
   - resident memory of the shard process once warm (what the weights, cache and workspace hold);
@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.http_client import Client  # noqa: E402
 from benchmarks.serving import Failures, Sizes, concurrent, launch, machine, prompts, single_stream  # noqa: E402
 from lorax_server.demo_model import demo_gguf  # noqa: E402
+from lorax_server.weights import EMBEDDINGS_ENV  # noqa: E402
 
 TEXT = ("The river ran quietly past the old mill, where the miller's daughter counted sacks of flour each morning "
         "before the market opened. Travellers stopped to ask for directions, and she told them the shortest road "
@@ -77,13 +78,16 @@ async def measure(url: str, sizes: Sizes, failures: Failures) -> dict:
             "concurrent_tokens_per_s": many}
 
 
-def configurations(args: argparse.Namespace) -> list[tuple[str, str, list[str], str | None]]:
-    """(label, dtype, launcher flags, model override) for every configuration to run."""
-    base = [("float32", "float32", [], None), ("bfloat16", "bfloat16", [], None)]
-    base += [(q, "float32", ["--quantize", q], None) for q in LOAD_TIME_FORMATS]
-    base += [(q, "float32", ["--quantize", q], m) for q, m in (("gptq", args.gptq_model), ("awq", args.awq_model)) if m]
+def configurations(args: argparse.Namespace) -> list[tuple[str, str, list[str], str | None, dict]]:
+    """(label, dtype, launcher flags, model override, environment) for every configuration to run."""
+    base = [("float32", "float32", [], None, {}), ("bfloat16", "bfloat16", [], None, {})]
+    base += [(q, "float32", ["--quantize", q], None, {}) for q in LOAD_TIME_FORMATS]
+    base += [(f"{q} int8-embeddings", "float32", ["--quantize", q], None, {EMBEDDINGS_ENV: "int8"})
+             for q in LOAD_TIME_FORMATS]
+    base += [(q, "float32", ["--quantize", q], m, {}) for q, m in (("gptq", args.gptq_model), ("awq", args.awq_model))
+             if m]
     if args.compile:
-        base += [(f"{label} --compile", dtype, [*flags, "--compile"], m) for label, dtype, flags, m in base]
+        base += [(f"{label} --compile", dtype, [*flags, "--compile"], m, env) for label, dtype, flags, m, env in base]
     return base
 
 
@@ -114,11 +118,11 @@ def main() -> None:
     info = machine()
     print(f"machine: {info['cpu']}, {info['cores']} cores", flush=True)
     try:
-        for label, dtype, flags, model in configurations(args):
+        for label, dtype, flags, model, env in configurations(args):
             if args.only and label not in args.only and label != "float32":
                 continue
             print(f"{label}: starting the launcher", flush=True)
-            launcher = launch(model or gguf, work, dtype, "cpu", *flags, "--max-concurrent-requests", "256")
+            launcher = launch(model or gguf, work, dtype, "cpu", *flags, "--max-concurrent-requests", "256", env=env)
             try:
                 numbers = asyncio.run(measure(launcher.url, sizes, failures))
                 numbers["shard_rss_mib"] = shard_rss_mib(launcher.proc.pid)

@@ -263,11 +263,12 @@ async def churn(url: str, sizes: Sizes, pool: list[str], failures: Failures) -> 
     return {"e_base": base, "e": adapters, "e_distinct_adapters": len(set(picks))}
 
 
-def launch(model: str, work: Path, dtype: str, device: str, *args: str) -> Launcher:
-    """A ready launcher serving `model`, with the shared weights cache and `work/adapters` as local adapter root."""
+def launch(model: str, work: Path, dtype: str, device: str, *args: str, env: dict | None = None) -> Launcher:
+    """A ready launcher serving `model`, with the shared weights cache and `work/adapters` as local adapter root;
+    `env` adds to its environment."""
     extra = ["--dtype", dtype] if dtype != "float32" else []  # float32 is the CPU default (and not a --dtype choice)
     env = {"HUGGINGFACE_HUB_CACHE": str(cache_dir()), "LORAX_LOCAL_ADAPTER_ROOTS": str(work / "adapters"),
-           "CUDA_VISIBLE_DEVICES": "0" if device == "cuda" else ""}
+           "CUDA_VISIBLE_DEVICES": "0" if device == "cuda" else "", **(env or {})}
     launcher = Launcher(model, work, *extra, *args, env=env)
     try:
         return launcher.wait_ready(timeout=600)

@@ -15,13 +15,13 @@ from safetensors.torch import load_file, save_file
 
 from lorax_server.adapters.registry import AdapterKey
 from lorax_server.dist import Parallel
-from lorax_server.layers.quantized import QuantizedLinear
+from lorax_server.layers.quantized import QuantizedLinear, QuantizedRows
 from lorax_server.pb import generate_pb2 as pb
 from lorax_server.quantization import bitsandbytes as ours_bnb
 from lorax_server.quantization.grouped import GroupedWeight
 from lorax_server.quantization.schemes import choose_scheme
 from lorax_server.shard import build_service
-from lorax_server.weights import Weights
+from lorax_server.weights import EMBEDDINGS_ENV, Weights, int8_embeddings
 from tests.test_shard_exactness import PROMPTS, make_request
 from tests.tiny_models import make_adapter, make_model
 
@@ -421,6 +421,54 @@ def test_quantized_base_with_mixed_adapters_matches_peft(kind, base_and_adapters
             assert ours[request.id][0] == tokens, f"{kind} request {request.id} (adapter {index})"
             torch.testing.assert_close(torch.tensor(ours[request.id][1]), logprobs, rtol=0, atol=LOGPROB_TOLERANCE)
     assert len({tuple(v[0]) for v in ours.values()}) > 2, "adapters must change the output"
+
+
+def test_int8_rows_look_up_what_the_head_multiplies():
+    table = QuantizedRows(torch.randn(50, 64), torch.float32)
+    ids = torch.tensor([0, 17, 49, 17, 31])
+    torch.testing.assert_close(table.rows(ids), table.dequantize()[ids], rtol=0, atol=0)
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(table(x), F.linear(x, table.dequantize()), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_int8_embeddings_hold_one_table_and_keep_the_output(tied, tmp_path, monkeypatch):
+    """LORAX_QUANTIZE_EMBEDDINGS=int8: the embedding and LM head become int8 rows (one object when tied), and greedy
+    output stays that of the float tables."""
+    make_model("llama", tmp_path / "base", tie_word_embeddings=tied)
+    requests = [make_request_for(tmp_path / "base", j) for j in range(3)]
+    outputs = {}
+    for mode in ("float", "int8"):
+        monkeypatch.setenv(EMBEDDINGS_ENV, mode)
+        generator = build_service(str(tmp_path / "base"), None, "hub", None, Parallel(), CPU, "/unused",
+                                  quantize="bitsandbytes").generator
+        generator.allocate_cache(2048)
+        outputs[mode] = run_batch(generator, requests)
+    model = generator.model
+    assert isinstance(model.lm_head, QuantizedRows) and isinstance(model.embed, QuantizedRows)
+    assert (model.embed is model.lm_head) == tied
+    for j in range(3):
+        assert outputs["int8"][j][0] == outputs["float"][j][0]
+        torch.testing.assert_close(torch.tensor(outputs["int8"][j][1]), torch.tensor(outputs["float"][j][1]),
+                                   rtol=0, atol=0.05)
+
+
+def make_request_for(folder: Path, j: int) -> pb.Request:
+    from transformers import AutoTokenizer
+
+    return make_request(AutoTokenizer.from_pretrained(folder), j, PROMPTS[j % len(PROMPTS)], 5)
+
+
+def test_int8_embeddings_need_quantize_and_a_known_value(monkeypatch):
+    monkeypatch.setenv(EMBEDDINGS_ENV, "int8")
+    assert int8_embeddings("bitsandbytes-nf4")
+    with pytest.raises(ValueError, match="needs --quantize"):
+        int8_embeddings(None)
+    monkeypatch.setenv(EMBEDDINGS_ENV, "int4")
+    with pytest.raises(ValueError, match="float or int8"):
+        int8_embeddings("bitsandbytes")
+    monkeypatch.delenv(EMBEDDINGS_ENV)
+    assert not int8_embeddings("bitsandbytes")
 
 
 @pytest.mark.parametrize("quantize,settings", [

@@ -24,6 +24,7 @@ from lorax_server.layers.linear import Linear
 from lorax_server.layers.lora import LoraBatch
 from lorax_server.layers.moe import MoeConfig, SparseMoe
 from lorax_server.layers.norm import LayerNorm, RMSNorm
+from lorax_server.layers.quantized import QuantizedRows
 from lorax_server.layers.rotary import Rotary, apply_rotary, rope_parameters
 from lorax_server.weights import Weights
 
@@ -392,10 +393,13 @@ class DecoderModel:
         self.embed = self._vocab_rows(weights, f"{base}{names.embed}.weight")
         self.embed_norm = load_norm(cfg, weights, f"{base}{names.embed_norm}") if names.embed_norm else None
         self.positions = weights.get(f"{base}{names.positions}.weight") if names.positions else None  # every rank whole
-        if cfg.tie_word_embeddings or "lm_head.weight" not in weights:
-            self.lm_head = Linear(self.embed)
+        tied = cfg.tie_word_embeddings or "lm_head.weight" not in weights
+        head = self.embed if tied else self._vocab_rows(weights, "lm_head.weight")
+        if weights.int8_embeddings:  # LORAX_QUANTIZE_EMBEDDINGS=int8 with --quantize: one int8 copy of each table
+            self.lm_head = QuantizedRows(head, self.dtype)
+            self.embed = self.lm_head if tied else QuantizedRows(self.embed, self.dtype)
         else:
-            self.lm_head = Linear(self._vocab_rows(weights, "lm_head.weight"))
+            self.lm_head = Linear(head)
         self.layers = [
             DecoderLayer(cfg, weights, parallel, i, f"{base}{names.layers}.{i}") for i in range(cfg.num_layers)
         ]
@@ -446,12 +450,13 @@ class DecoderModel:
         return 2 * self.cfg.num_layers * self.num_kv_heads * self.cfg.head_dim * element
 
     def _embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        lookup = self.embed.rows if isinstance(self.embed, QuantizedRows) else self.embed.__getitem__
         if self.parallel.world_size == 1:
-            out = self.embed[input_ids]
+            out = lookup(input_ids)
         else:
             local = input_ids - self.vocab_start
             inside = (local >= 0) & (local < self.embed.shape[0])
-            out = self.embed[torch.where(inside, local, 0)] * inside.unsqueeze(-1).to(self.dtype)
+            out = lookup(torch.where(inside, local, 0)) * inside.unsqueeze(-1).to(self.dtype)
             out = self.parallel.all_reduce(out)
         if self.embed_multiplier is not None:
             out = out * self.embed_multiplier
