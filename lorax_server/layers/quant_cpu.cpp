@@ -131,7 +131,6 @@ void tiles(int64_t tokens, const float* x, int64_t ldx, const float* buffer, int
   }
 }
 
-
 // y[t, 0 : columns] = x[t] @ w[block * 16 : block * 16 + columns].T for t < kT, without a dequantized buffer.
 // xsum[t * G + g] is the sum of row t's inputs in group g (read only when the weight has zeros).
 template <int kT>
