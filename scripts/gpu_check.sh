@@ -28,9 +28,11 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to OUTDIR/N
 : > "$out/steps.txt"
 { nvidia-smi || true; "$py" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))"; } > "$out/gpu.txt" 2>&1
 cat "$out/gpu.txt"
-if [ -d "$wheels" ]; then  # every wheel without its dependencies: the image holds the rest (gpu_wheels.sh)
-    step install 90 bash -c "$py -m pip install -q --no-index --no-deps '$wheels'/*.whl && \
-        $py -m pip install -q --no-index --no-deps --no-build-isolation -e ."
+if [ -d "$wheels" ]; then  # every wheel without its dependencies (the image holds the rest: gpu_wheels.sh), and
+    # the project, into a folder of their own: the image's environment may be read-only
+    site=/tmp/lorax-site
+    step install 90 "$py" -m pip install -q --no-index --no-deps --no-build-isolation --target "$site" "$wheels"/*.whl .
+    export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" PATH="$site/bin:$PATH"
 fi
 step pytest-gpu 150 "$py" -m pytest -m gpu -q -rs -p no:cacheprovider tests
 if "$py" -c "from lorax_server.demo_model import demo_gguf; demo_gguf()" > /dev/null 2>&1; then

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -11,7 +12,9 @@ from pathlib import Path
 
 import httpx
 
-BIN = Path(sys.executable).parent
+# the console scripts: beside this Python (a venv), else on PATH (a `pip install --target` folder, scripts/gpu_check.sh)
+BIN = Path(sys.executable).parent if (Path(sys.executable).parent / "lorax-launcher").exists() else \
+    Path(shutil.which("lorax-launcher") or sys.executable).parent
 
 
 def free_port() -> int:
