@@ -28,7 +28,7 @@ def main() -> None:
 @click.option("--sharded", is_flag=True, help="Part of a tensor-parallel group (RANK/WORLD_SIZE from env).")
 @click.option("--quantize", type=click.Choice(QUANTIZE), default=None)
 @click.option("--compile", "compile_", is_flag=True,
-              help="CUDA: decode steps of up to LORAX_COMPILE_MAX_BATCH_SIZE (128) requests replay CUDA graphs. "
+              help="CUDA: decode steps of up to LORAX_COMPILE_MAX_BATCH_SIZE requests replay CUDA graphs. "
                    "CPU: no effect (a log line says why).")
 @click.option("--dtype", type=click.Choice(["float16", "bfloat16"]), default=None)
 @click.option("--trust-remote-code", is_flag=True, help="Run code shipped with the checkpoint (transformers-backed path only).")
