@@ -23,7 +23,7 @@ request did not answer 200 (targets missed are reported, not fatal). Expect roug
 (the 1000 adapters take about 1.8 GB in a temporary folder, removed at the end unless --keep); --quick shrinks
 every scenario for a smoke test (about 3 minutes; its ratios mean little at its sizes).
 
-Usage: python benchmarks/serving.py [--quick] [--rounds 3] [--dtype float32|bfloat16] [--json out.json]
+Usage: python benchmarks/serving.py [--quick] [--rounds 3] [--dtype float32|bfloat16] [--model FOLDER] [--json out.json]
 """
 from __future__ import annotations
 
@@ -432,6 +432,8 @@ def main() -> None:
     parser.add_argument("--launcher-arg", action="append", default=[], help="an extra launcher flag (repeatable)")
     parser.add_argument("--json", type=Path, help="write every number here")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (adapters, launcher logs)")
+    parser.add_argument("--model", type=Path, help="a model folder to serve instead of the SmolLM2 demo (e.g. one from "
+                                                   "benchmarks/random_weights.py)")
     args = parser.parse_args()
     sizes = QUICK if args.quick else Sizes()
     rounds = args.rounds or (1 if args.quick else 3)
@@ -439,8 +441,8 @@ def main() -> None:
             "rounds": rounds, "sizes": asdict(sizes)}
     print(f"machine: {info['cpu']}, {info['cores']} cores; dtype {args.dtype}; rounds {rounds}", flush=True)
 
-    gguf = demo_gguf()
-    folder = fetch_model(str(gguf))  # the launcher's download step finds this conversion in the same cache
+    model = args.model.resolve() if args.model else demo_gguf()
+    folder = model if args.model else fetch_model(str(model))  # the launcher's download step finds this conversion
     config = json.loads((folder / "config.json").read_text())
     work = Path(tempfile.mkdtemp(prefix="serving-bench-"))
     failures = Failures()
@@ -461,14 +463,14 @@ def main() -> None:
 
         concurrency = str(max(256, 2 * sizes.wide))
         print("(a)-(d), (f), (g): one launcher", flush=True)
-        launcher = launch(str(gguf), work, args.dtype, args.device, *args.launcher_arg, "--max-concurrent-requests", concurrency)
+        launcher = launch(str(model), work, args.dtype, args.device, *args.launcher_arg, "--max-concurrent-requests", concurrency)
         try:
             numbers.update(asyncio.run(shared_scenarios(launcher.url, sizes, rounds, qv, mix, failures)))
         finally:
             launcher.stop()
 
         print(f"(e) churn: launcher with --max-active-adapters {sizes.churn_active}", flush=True)
-        launcher = launch(str(gguf), work, args.dtype, args.device, *args.launcher_arg, "--max-concurrent-requests", concurrency,
+        launcher = launch(str(model), work, args.dtype, args.device, *args.launcher_arg, "--max-concurrent-requests", concurrency,
                           "--max-active-adapters", str(sizes.churn_active))
         try:
             numbers.update(asyncio.run(churn(launcher.url, sizes, qv[: sizes.churn_adapters], failures)))

