@@ -6,8 +6,9 @@ import torch
 from peft import PeftModel
 
 from lorax_server.adapters.config import AdapterError
-from lorax_server.adapters.registry import AdapterKey
+from lorax_server.adapters.registry import POOL_DTYPE_ENV, AdapterKey, pool_dtype
 from lorax_server.dist import Parallel
+from lorax_server.pb import generate_pb2 as pb
 from lorax_server.shard import build_service
 from tests.test_shard_exactness import PROMPTS, make_request, run_staggered
 from tests.tiny_models import ARCHS, make_adapter, make_model
@@ -75,6 +76,54 @@ def test_a_static_adapter_applies_to_requests_naming_none(tmp_path, monkeypatch)
         ours = run_staggered(generator, requests, join_after=0)
         for j, index in enumerate(indices):
             assert ours[j] == reference(base, static if index == 0 else other, tok, PROMPTS[j], 6), (indices, j)
+
+
+def test_bfloat16_pools_hold_half_the_bytes_and_stay_close(tmp_path, monkeypatch):
+    """LORAX_ADAPTER_DTYPE=bfloat16 on CPU: pools in bfloat16, half the bytes, and a mixed batch's logits within the
+    rounding of the adapter weights of the float32 pools' (greedy tokens can flip where two are nearly tied)."""
+    monkeypatch.setenv("LORAX_LOCAL_ADAPTER_ROOTS", str(tmp_path))
+    base = tmp_path / "base"
+    model = make_model(ARCHS[0], base)
+    adapter_dirs = [make_adapter(model, tmp_path / f"a{i}", i + 1, r, a, t) for i, (r, a, t) in enumerate(ADAPTERS)]
+    logits, held = {}, {}
+    for dtype in ("float32", "bfloat16"):
+        monkeypatch.setenv(POOL_DTYPE_ENV, dtype)
+        generator = build_service(str(base), None, "hub", None, Parallel(), torch.device("cpu"), "/unused").generator
+        generator.allocate_cache(4096)
+        for i, d in enumerate(adapter_dirs):
+            generator.adapters.load(AdapterKey((str(d),), "local"), i + 1)
+        assert {p.a.dtype for p in generator.adapters.pools.pools.values()} == {getattr(torch, dtype)}
+        held[dtype] = generator.adapters.pools.bytes_used
+        requests = []
+        for j in range(5):  # the base model and each adapter
+            requests.append(make_request(generator.tokenizer, j, PROMPTS[j % len(PROMPTS)], 2))
+            requests[-1].adapter_index = j
+        seen = []
+        advance = generator._advance
+        monkeypatch.setattr(generator, "_advance", lambda batch, step, details: seen.append(step) or advance(batch, step, details))
+        generator.prefill(generator.new_batch(pb.Batch(id=0, requests=requests)))
+        for r in requests:
+            r.adapter_index = 0
+        generator.prefill(generator.new_batch(pb.Batch(id=1, requests=requests)))
+        logits[dtype], base_logits = seen
+    assert held["bfloat16"] * 2 == held["float32"]
+    error = (logits["bfloat16"] - logits["float32"]).abs().amax(-1)
+    delta = (logits["float32"] - base_logits).abs().amax(-1)  # what each row's adapter changes
+    assert error[0] == 0 and delta[0] == 0, "base-model rows do not touch the pools"
+    assert (error[1:] > 0).all(), "the bfloat16 pools are the ones read"
+    assert (error[1:] <= 0.05 * delta[1:]).all(), (error, delta)
+
+
+def test_adapter_dtype_values(monkeypatch):
+    monkeypatch.setenv(POOL_DTYPE_ENV, "float16")
+    with pytest.raises(ValueError, match="must be bfloat16"):
+        pool_dtype(torch.float32, torch.device("cpu"))
+    monkeypatch.setenv(POOL_DTYPE_ENV, "bfloat16")
+    with pytest.raises(ValueError, match="applies on CPU"):
+        pool_dtype(torch.float16, torch.device("cuda", 0))
+    assert pool_dtype(torch.float32, torch.device("cpu")) == torch.bfloat16
+    monkeypatch.delenv(POOL_DTYPE_ENV)
+    assert pool_dtype(torch.float32, torch.device("cpu")) == torch.float32
 
 
 def test_bad_adapters_are_refused_with_reason(tmp_path, monkeypatch, tiny_model_dir):
