@@ -426,7 +426,7 @@ def test_quantized_base_with_mixed_adapters_matches_peft(kind, base_and_adapters
 def test_int8_rows_look_up_what_the_head_multiplies():
     table = QuantizedRows(torch.randn(50, 64), torch.float32)
     ids = torch.tensor([0, 17, 49, 17, 31])
-    torch.testing.assert_close(table.rows(ids), table.dequantize()[ids], rtol=0, atol=0)
+    torch.testing.assert_close(table[ids], table.dequantize()[ids], rtol=0, atol=0)
     x = torch.randn(3, 64)
     torch.testing.assert_close(table(x), F.linear(x, table.dequantize()), rtol=1e-4, atol=1e-4)
 

@@ -102,10 +102,9 @@ class QuantizedLinear:
         return F.linear(x, self.dequantize(x.dtype))
 
 
-
 class QuantizedRows(QuantizedLinear):
     """An embedding table held as int8 rows (LLM.int8's row-wise absmax), for LORAX_QUANTIZE_EMBEDDINGS=int8: one
-    copy of the codes serves token lookups (`rows`) and, as a `QuantizedLinear`, the LM head's matmul. A float table
+    copy of the codes serves token lookups (`table[ids]`) and, as a `QuantizedLinear`, the LM head's matmul. A float table
     tied to the head is otherwise held twice on CPU: once for lookups and once in oneDNN's layout for the head."""
 
     def __init__(self, weight: torch.Tensor, dtype: torch.dtype):
@@ -114,12 +113,14 @@ class QuantizedRows(QuantizedLinear):
         super().__init__(quantize_int8(weight), weight.device)
         self.shape, self.dtype = weight.shape, dtype
 
-    def rows(self, ids: torch.Tensor) -> torch.Tensor:
-        """The dequantized rows `ids` ([...] -> [..., in]), read from the 16-row blocks the kernel uses."""
+    def __getitem__(self, ids: torch.Tensor) -> torch.Tensor:
+        """The dequantized rows `ids` ([...] -> [..., in]), read from the 16-row blocks the kernel uses: looked up
+        as a float table's rows are."""
         block, lane = ids // _LANES, ids % _LANES
         codes = self.codes[block, :, lane]
         scale, zero = self.scale[block, 0, lane], self.zero[block, 0, lane]
         return ((self.table[codes.long()] - zero[..., None]) * scale[..., None]).to(self.dtype)
+
 
 if __name__ == "__main__":  # build the CPU kernel ahead of time
     cpu_op()

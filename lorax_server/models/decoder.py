@@ -450,13 +450,12 @@ class DecoderModel:
         return 2 * self.cfg.num_layers * self.num_kv_heads * self.cfg.head_dim * element
 
     def _embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        lookup = self.embed.rows if isinstance(self.embed, QuantizedRows) else self.embed.__getitem__
         if self.parallel.world_size == 1:
-            out = lookup(input_ids)
+            out = self.embed[input_ids]
         else:
             local = input_ids - self.vocab_start
             inside = (local >= 0) & (local < self.embed.shape[0])
-            out = lookup(torch.where(inside, local, 0)) * inside.unsqueeze(-1).to(self.dtype)
+            out = self.embed[torch.where(inside, local, 0)] * inside.unsqueeze(-1).to(self.dtype)
             out = self.parallel.all_reduce(out)
         if self.embed_multiplier is not None:
             out = out * self.embed_multiplier
