@@ -127,3 +127,27 @@ def test_a_rank_beyond_the_budget_is_refused_and_nothing_changes():
     assert list(p.slot_of) == [1] and p.bytes_held <= 100 * row_bytes
     p.add(3, random_adapter(32, ["q_proj"]))  # what fits still loads, growing to exactly what is needed
     assert set(p.slot_of) == {1, 3}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_kernel_equals_reference_at_model_widths(dtype):
+    """Widths of 16 and more take the kernel's vector loops (four rank rows at a time, then the leftover rows and
+    columns): ranks 3, 4, 9 and 64 and widths 37, 64 and 100 cover every remainder."""
+    torch.manual_seed(1)
+    ins, outs, layers = {"q_proj": 64, "v_proj": 37}, {"q_proj": 100, "v_proj": 37}, 2
+    p = SlotPools({m: (ins[m], outs[m]) for m in outs}, layers, dtype, torch.device("cpu"), 1 << 30)
+    for index, rank in enumerate((3, 4, 9, 64), start=1):
+        p.add(index, LoraWeights(rank, {m: (torch.randn(layers, ins[m], rank), torch.randn(layers, rank, outs[m]))
+                                        for m in outs}))
+    indices = [1, 2, 0, 3, 4, 4, 1]
+    slots = p.token_slots(torch.tensor(indices), frozenset(indices))
+    for module in outs:
+        pool = p.pools[module]
+        x = torch.randn(len(indices), ins[module])
+        y = torch.randn(len(indices), outs[module])
+        y_ref, y_before = y.clone(), y.clone()
+        lora_kernel.cpu_op()(y, x, slots, [pool.a], [pool.b], [pool.rows], [0], 1)
+        lora_kernel.lora_apply_reference(y_ref, x, slots, [pool.a], [pool.b], [pool.rows], [0], 1)
+        assert torch.allclose(y, y_ref, atol=1e-3, rtol=1e-4), module
+        changed = (y != y_before).any(dim=1).tolist()
+        assert changed == [i != 0 for i in indices], "adapter tokens change, base tokens do not"

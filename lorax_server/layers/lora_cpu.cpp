@@ -11,12 +11,15 @@
 #include <ATen/Parallel.h>
 
 #include <cstring>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 #include <vector>
 
 namespace {
 
 inline float to_float(float v) { return v; }
-inline float to_float(c10::BFloat16 v) {  // the bits of a bfloat16 are a float's top half: vectorizes as a shift
+inline float to_float(c10::BFloat16 v) {  // the bits of a bfloat16 are a float's top half
   uint32_t bits = static_cast<uint32_t>(v.x) << 16;
   float f;
   std::memcpy(&f, &bits, sizeof f);
@@ -36,6 +39,72 @@ template <typename w_t>
 inline void axpy(float* out, float alpha, const w_t* b, int64_t n) {
 #pragma omp simd
   for (int64_t o = 0; o < n; ++o) out[o] += alpha * to_float(b[o]);
+}
+
+#if defined(__AVX512F__)
+// Sixteen pool values widened to float32 in registers: the pools are read once per step, so for 16-bit pools
+// the widening must keep up with memory (a bfloat16 is a float's top half: a zero-extend and a shift).
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const c10::BFloat16* p) {
+  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+inline __m512 load16(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+#endif
+
+// xa[j] = x . A[r[j]] for the adapter's rank rows. Four rows at a time share each load of x and keep four memory
+// streams in flight, which is what bounds this loop when every token has its own adapter.
+template <typename w_t>
+void shrink(const float* x, const w_t* a_layer, const int32_t* r, int64_t rank, int64_t d_in, float* xa) {
+  int64_t j = 0;
+#if defined(__AVX512F__)
+  for (; j + 4 <= rank; j += 4) {
+    const w_t* p[4] = {a_layer + r[j] * d_in, a_layer + r[j + 1] * d_in, a_layer + r[j + 2] * d_in,
+                       a_layer + r[j + 3] * d_in};
+    __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+    int64_t i = 0;
+    for (; i + 16 <= d_in; i += 16) {
+      const __m512 xv = _mm512_loadu_ps(x + i);
+      s0 = _mm512_fmadd_ps(xv, load16(p[0] + i), s0);
+      s1 = _mm512_fmadd_ps(xv, load16(p[1] + i), s1);
+      s2 = _mm512_fmadd_ps(xv, load16(p[2] + i), s2);
+      s3 = _mm512_fmadd_ps(xv, load16(p[3] + i), s3);
+    }
+    float t[4] = {_mm512_reduce_add_ps(s0), _mm512_reduce_add_ps(s1), _mm512_reduce_add_ps(s2),
+                  _mm512_reduce_add_ps(s3)};
+    for (int k = 0; k < 4; ++k) xa[j + k] = t[k] + dot(x + i, p[k] + i, d_in - i);
+  }
+#endif
+  for (; j < rank; ++j) xa[j] = dot(x, a_layer + r[j] * d_in, d_in);
+}
+
+// out += sum_j xa[j] * B[r[j]]. Four rows at a time: out is loaded and stored once per four rows, not per row.
+template <typename w_t>
+void expand(float* out, const float* xa, const w_t* b_layer, const int32_t* r, int64_t rank, int64_t d_out) {
+  int64_t j = 0;
+#if defined(__AVX512F__)
+  for (; j + 4 <= rank; j += 4) {
+    const w_t* p[4] = {b_layer + r[j] * d_out, b_layer + r[j + 1] * d_out, b_layer + r[j + 2] * d_out,
+                       b_layer + r[j + 3] * d_out};
+    const __m512 a0 = _mm512_set1_ps(xa[j]), a1 = _mm512_set1_ps(xa[j + 1]), a2 = _mm512_set1_ps(xa[j + 2]),
+                 a3 = _mm512_set1_ps(xa[j + 3]);
+    int64_t o = 0;
+    for (; o + 16 <= d_out; o += 16) {
+      __m512 v = _mm512_loadu_ps(out + o);
+      v = _mm512_fmadd_ps(a0, load16(p[0] + o), v);
+      v = _mm512_fmadd_ps(a1, load16(p[1] + o), v);
+      v = _mm512_fmadd_ps(a2, load16(p[2] + o), v);
+      v = _mm512_fmadd_ps(a3, load16(p[3] + o), v);
+      _mm512_storeu_ps(out + o, v);
+    }
+    for (; o < d_out; ++o)
+      out[o] += xa[j] * to_float(p[0][o]) + xa[j + 1] * to_float(p[1][o]) + xa[j + 2] * to_float(p[2][o]) +
+                xa[j + 3] * to_float(p[3][o]);
+  }
+#endif
+  for (; j < rank; ++j) axpy(out, xa[j], b_layer + r[j] * d_out, d_out);
 }
 
 template <typename y_t, typename w_t>
@@ -66,13 +135,13 @@ void apply_group(torch::Tensor& y, const torch::Tensor& x, const torch::Tensor& 
         if (rank == 0) continue;
         const w_t* a_layer = a[m].data_ptr<w_t>() + layer * cap * d_in;
         const w_t* b_layer = b[m].data_ptr<w_t>() + layer * cap * d_out;
-        for (int64_t j = 0; j < rank; ++j) xa[j] = dot(xt, a_layer + r[j] * d_in, d_in);
+        shrink(xt, a_layer, r, rank, d_in, xa.data());
         y_t* yt = yp + t * y_stride + out_start[m];
         if constexpr (std::is_same_v<y_t, float>) {
-          for (int64_t j = 0; j < rank; ++j) axpy(yt, xa[j], b_layer + r[j] * d_out, d_out);
+          expand(yt, xa.data(), b_layer, r, rank, d_out);
         } else {
           std::fill(acc.begin(), acc.begin() + d_out, 0.f);
-          for (int64_t j = 0; j < rank; ++j) axpy(acc.data(), xa[j], b_layer + r[j] * d_out, d_out);
+          expand(acc.data(), xa.data(), b_layer, r, rank, d_out);
           for (int64_t o = 0; o < d_out; ++o) yt[o] = static_cast<y_t>(static_cast<float>(yt[o]) + acc[o]);
         }
       }
