@@ -16,6 +16,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m lorax_server.layers.lora_kernel
 	$(PY) -m lorax_server.layers.quantized
 	$(PY) -m lorax_server.layers.cpu_ops
+	$(PY) -m lorax_server.layers.linear
 	touch $(STAMP)
 
 install: $(STAMP)
